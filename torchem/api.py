@@ -1,0 +1,306 @@
+"""``EMModel``: pyEM's user-facing vocabulary over torchem's batched engine."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import evidence, plotting
+from .data import SubjectBatch
+from .em import FitResult, IterationState, run_em
+from .groups import GaussianGroup
+from .model import Model
+
+__all__ = ["EMModel", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _numpy(value: Any) -> Any:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+class EMModel:
+    """A model to fit to many subjects by hierarchical EM with MAP estimation.
+
+    Parameters
+    ----------
+    all_data : list, DataFrame or SubjectBatch
+        pyEM-style per-subject lists (``all_data[i] = [choices, rewards]``),
+        a long DataFrame (then give ``columns`` and optionally ``subject``,
+        ``block``, ``trial``), or a ready :class:`SubjectBatch`.
+    fit_func : callable
+        Batched likelihood ``fit_func(params (S, P), *data, mask=None,
+        output="nll") -> (S,)``, or a one-subject function with
+        ``per_subject=True``.  Library models (``torchem.models``) bring their
+        own names, transforms and simulator.
+    param_names : list of str, optional
+        Parameter names (required for custom models).
+    param_xform : list of callables, optional
+        Normalized -> natural transform per parameter (identity if omitted).
+    simulate_func : callable, optional
+        ``simulate_func(natural_params (S, P), **kwargs) -> dict``; used by
+        :meth:`simulate` and :meth:`recover`.
+    per_subject : bool
+        ``fit_func`` is written for one subject; torchem batches it with
+        ``torch.func.vmap``.
+    subject, columns, block, trial : str, list of str
+        DataFrame input: see :meth:`SubjectBatch.from_dataframe`.
+    input_names : list of str, optional
+        Field names for list input (default: the model's declared inputs).
+    device : str, optional
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` (default: CUDA when available).
+    dtype : torch.dtype
+        Floating dtype of the fit (default ``torch.float64``).
+
+    Examples
+    --------
+    >>> from torchem import EMModel
+    >>> from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate
+    >>> sim = rw1a1b_simulate(true_params, nblocks=4, ntrials=24, seed=1)   # doctest: +SKIP
+    >>> model = EMModel([[c, r] for c, r in zip(sim["choices"], sim["rewards"])], rw1a1b_fit)  # doctest: +SKIP
+    >>> result = model.fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        all_data: Sequence[Sequence[Any]] | pd.DataFrame | SubjectBatch,
+        fit_func: Callable,
+        param_names: Sequence[str] | None = None,
+        param_xform: Sequence[Callable] | None = None,
+        simulate_func: Callable | None = None,
+        *,
+        per_subject: bool = False,
+        subject: str = "subject",
+        columns: Sequence[str] | None = None,
+        block: str | None = None,
+        trial: str | None = None,
+        input_names: Sequence[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.model = Model.resolve(fit_func, param_names, param_xform, simulate_func, per_subject)
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        if isinstance(all_data, SubjectBatch):
+            batch = all_data
+        elif isinstance(all_data, pd.DataFrame):
+            batch = SubjectBatch.from_dataframe(all_data, subject=subject, columns=columns, block=block, trial=trial)
+        else:
+            batch = SubjectBatch.from_lists(all_data, names=input_names or self.model.inputs)
+        self.batch = batch.to(self.device, dtype)
+        self.model.check_data(self.batch)
+        self.result: FitResult | None = None
+
+    # ---------------------------------------------------------------- basics
+    @property
+    def param_names(self) -> list[str]:
+        return self.model.param_names
+
+    @property
+    def fit_func(self) -> Callable:
+        return self.model.fit_func
+
+    @property
+    def simulate_func(self) -> Callable | None:
+        return self.model.simulate_func
+
+    def __repr__(self) -> str:
+        name = getattr(self.fit_func, "__name__", "fit_func")
+        state = "fitted" if self.result is not None else "not fitted"
+        return (f"EMModel({name}, params={self.param_names}, {self.batch.n_subjects} subjects, "
+                f"device={self.device}, dtype={self.dtype}, {state})")
+
+    def _fitted(self) -> FitResult:
+        if self.result is None:
+            raise RuntimeError("the model is not fitted yet: call fit() first")
+        return self.result
+
+    # ------------------------------------------------------------------- fit
+    def fit(
+        self,
+        *,
+        group: str = "diag",
+        mstep_maxit: int = 800,
+        convergence_crit: float = 1e-3,
+        seed: int | None = 0,
+        max_restarts: int = 2,
+        estep_maxit: int = 200,
+        gtol: float = 1e-6,
+        verbose: int = 1,
+        callback: Callable[[IterationState], Any] | None = None,
+        njobs: int | None = None,
+    ) -> FitResult:
+        """Fit by hierarchical EM; see :func:`torchem.em.run_em` for every option.
+
+        ``njobs`` is accepted for pyEM compatibility and ignored: all subjects
+        run as one batch.  Returns the :class:`FitResult`, also kept as
+        ``self.result``.
+        """
+        self.result = run_em(
+            self.model, self.batch, group=group, mstep_maxit=mstep_maxit, convergence_crit=convergence_crit,
+            seed=seed, max_restarts=max_restarts, estep_maxit=estep_maxit, gtol=gtol, verbose=verbose,
+            callback=callback,
+        )
+        return self.result
+
+    # ------------------------------------------------------------ accessors
+    def get_outfit(self) -> dict[str, np.ndarray]:
+        """The model's ``output="all"`` at the fitted MAPs, as numpy arrays.
+
+        Always holds ``params`` (natural, ``(S, P)``) and ``nll`` ``(S,)``,
+        plus whatever trial-wise quantities the model returns (``EV``, ``PE``,
+        ``ch_prob`` for the RL models), subjects first and padded like the data.
+        """
+        res = self._fitted()
+        with torch.no_grad():
+            out = self.model(res.m, self.batch.data, self.batch.mask, output="all")
+        if not isinstance(out, dict):
+            out = {"nll": out}
+        out = dict(out)
+        out.setdefault("params", res.natural_params())
+        out["mask"] = self.batch.mask
+        return {k: _numpy(v) for k, v in out.items()}
+
+    def subject_params(self) -> pd.DataFrame:
+        """Natural-space MAP parameters per subject (same as ``result.params_df()``)."""
+        return self._fitted().params_df()
+
+    def get_param_transform(self, name_or_index: str | int) -> Callable:
+        """The normalized -> natural transform of one parameter, by name or position."""
+        if isinstance(name_or_index, str):
+            if name_or_index not in self.param_names:
+                raise ValueError(f"unknown parameter {name_or_index!r}; parameters are {self.param_names}")
+            name_or_index = self.param_names.index(name_or_index)
+        return self.model.param_xform[name_or_index]
+
+    # ------------------------------------------------------------- evidence
+    def compute_lme(self) -> tuple[np.ndarray, float, np.ndarray]:
+        """Laplace log model evidence.
+
+        Returns
+        -------
+        lap : ndarray
+            ``(S,)`` per-subject Laplace log evidence.
+        lme : float
+            ``sum(lap) - P log S`` (pyEM's total, penalizing the group parameters).
+        good : ndarray
+            ``(S,)`` bool, the Hessian was positive definite (else the group
+            covariance stood in for its inverse).
+        """
+        res = self._fitted()
+        lap = evidence.laplace_lme(res.NPL, res.hess_logdet, res.n_params)
+        return _numpy(lap), evidence.total_lme(lap, res.n_params), _numpy(res.hessian_ok)
+
+    def integrated_log_likelihood(self, nsamples: int = 2000, seed: int | None = 0,
+                                  max_elements: int = 20_000_000) -> torch.Tensor:
+        """``(S,)`` Monte Carlo ``log E_group[p(D_i | theta)]`` with ``nsamples`` draws per subject.
+
+        All draws of all subjects are evaluated as batched likelihood calls,
+        chunked to about ``max_elements`` trial cells each.
+        """
+        res = self._fitted()
+        grp = GaussianGroup(res.posterior_mu, res.posterior_cov)
+        gen = torch.Generator()
+        gen.manual_seed(0 if seed is None else int(seed))
+        data, mask = self.batch.data, self.batch.mask
+        cells = max(1, int(mask[0].numel()))
+        chunk = max(1, max_elements // cells)
+
+        def nll_fn(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return self.model.nll(theta, tuple(d[idx] for d in data), mask[idx])
+
+        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), res.n_subjects,
+                                                  nsamples, chunk)
+
+    def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
+                               max_elements: int = 20_000_000) -> float:
+        """Integrated BIC (lower is better).
+
+        Parameters
+        ----------
+        nsamples : int
+            Draws from the fitted group distribution per subject.
+        seed : int
+            Seed of the draws (the same seed gives the same value).
+        convention : {"huys", "pyem"}
+            ``"huys"`` (Huys et al. 2011): penalty ``K log N`` with ``K`` the
+            group-level parameters (``2P`` for a diagonal Gaussian) and ``N``
+            all observations.  ``"pyem"``: pyEM's penalty ``P log n`` with
+            ``n`` the trials of one subject, for comparing with pyEM numbers.
+        """
+        res = self._fitted()
+        ilog = self.integrated_log_likelihood(nsamples, seed, max_elements)
+        P = res.n_params
+        if convention == "huys":
+            k = 2 * P if res.group == "diag" else P + P * (P + 1) // 2
+            return evidence.integrated_bic(ilog, k, int(res.n_obs.sum()))
+        if convention == "pyem":
+            return evidence.integrated_bic(ilog, P, int(res.n_obs[0]))
+        raise ValueError(f"convention must be 'huys' or 'pyem', got {convention!r}")
+
+    def compute_pseudo_r2(self, noptions: int = 2, metric: str = "median") -> float:
+        """Pseudo-R² of the fitted likelihood against chance (``1/noptions`` per trial)."""
+        res = self._fitted()
+        return evidence.pseudo_r2(res.NLL, res.n_obs, noptions, metric)
+
+    # ------------------------------------------------- simulation, recovery
+    def simulate(self, *args, **kwargs) -> dict:
+        """Call the model's simulator: ``simulate_func(natural_params, **kwargs)``."""
+        if self.simulate_func is None:
+            raise RuntimeError("this model has no simulate_func")
+        return self.simulate_func(*args, **kwargs)
+
+    def recover(self, true_params: np.ndarray, pr_inputs: Sequence[str] | None = None,
+                fit_kwargs: dict | None = None, **sim_kwargs) -> dict:
+        """Parameter recovery: simulate from ``true_params``, fit, compare.
+
+        Parameters
+        ----------
+        true_params : ndarray
+            ``(S, P)`` natural-space generating parameters.
+        pr_inputs : list of str, optional
+            Keys of the simulator's output that the fit function takes, in
+            order (default: the model's declared inputs).
+        fit_kwargs : dict, optional
+            Options for :meth:`fit` (default: ``verbose=0``).
+        **sim_kwargs
+            Passed to the simulator (``nblocks``, ``ntrials``, ``seed``, ...).
+
+        Returns
+        -------
+        dict
+            ``true_params``, ``estimated_params`` (natural ``(S, P)``),
+            ``correlation`` and ``rmse`` (per parameter), ``param_names``,
+            ``fit_result`` and the simulation ``sim``.
+        """
+        true_params = np.asarray(true_params, dtype=float)
+        sim = self.simulate(true_params, **sim_kwargs)
+        keys = list(pr_inputs or self.model.inputs or [])
+        if not keys:
+            raise ValueError("pr_inputs must name the simulator outputs the fit function takes")
+        missing = [k for k in keys if k not in sim]
+        if missing:
+            raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
+        all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
+        twin = EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform,
+                       self.simulate_func, per_subject=self.model.per_subject, input_names=keys,
+                       device=self.device, dtype=self.dtype)
+        result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
+        est = result.natural_params().detach().cpu().numpy()
+        corr = np.array([np.corrcoef(true_params[:, j], est[:, j])[0, 1] for j in range(est.shape[1])])
+        rmse = np.sqrt(((true_params - est) ** 2).mean(0))
+        return {"true_params": true_params, "estimated_params": est, "correlation": corr, "rmse": rmse,
+                "param_names": list(self.param_names), "fit_result": result, "sim": sim}
+
+    def plot_recovery(self, recovery_dict: dict, figsize: tuple[float, float] | None = None):
+        """Simulated against estimated scatter per parameter, with r; returns the figure."""
+        return plotting.plot_recovery(recovery_dict["true_params"], recovery_dict["estimated_params"],
+                                      recovery_dict.get("param_names", self.param_names), figsize=figsize)

@@ -1,0 +1,317 @@
+"""The hierarchical EM loop (empirical Bayes with MAP E-steps) and its result.
+
+Each iteration:
+
+1. **E-step** -- every subject's MAP of the negative log posterior
+   ``NPL_i(x) = NLL_i(x) - log N(x; mu, Sigma)`` in one batched L-BFGS
+   (:func:`torchem.optim.minimize`), warm-started from the previous MAP;
+   subjects whose optimization fails are restarted from draws of the current
+   group distribution and the best point is kept.
+2. **Curvature** -- exact Hessians of the NPL at the MAPs from ``torch.func``
+   (:func:`torchem.curvature.batched_hessian`), inverted by Cholesky; a
+   Hessian that is not positive definite is flagged and replaced by the
+   group covariance.
+3. **M-step** -- the group Gaussian is re-estimated from the MAPs and inverse
+   Hessians (:meth:`torchem.groups.GaussianGroup.mstep`).
+
+EM stops when the summed NPL changes by less than ``convergence_crit``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .curvature import batched_hessian, invert_pd
+from .data import SubjectBatch
+from .groups import GaussianGroup, make_group
+from .model import Model
+from .optim import minimize
+
+__all__ = ["FitResult", "IterationState", "run_em"]
+
+
+@dataclass
+class IterationState:
+    """What the ``callback`` of :func:`run_em` receives after every EM iteration.
+
+    Attributes
+    ----------
+    iteration : int
+        1-based iteration number.
+    max_iterations : int
+        ``mstep_maxit``.
+    npl : float
+        Summed negative log posterior of this E-step.
+    mu, sigma : ndarray
+        ``(P,)`` group mean and variance after this M-step (normalized space).
+    n_estep_failed, n_hessian_bad : int
+        Subjects whose optimization failed / whose Hessian was not positive definite.
+    converged : bool
+        Whether this iteration met the convergence criterion.
+    """
+
+    iteration: int
+    max_iterations: int
+    npl: float
+    mu: np.ndarray
+    sigma: np.ndarray
+    n_estep_failed: int
+    n_hessian_bad: int
+    converged: bool
+
+
+@dataclass
+class FitResult:
+    """A fitted hierarchical model.  Tensors keep the fit's device and dtype.
+
+    Attributes
+    ----------
+    m : Tensor
+        ``(S, P)`` per-subject MAP in normalized space.
+    inv_h : Tensor
+        ``(S, P, P)`` inverse Hessians of the negative log posterior at ``m``.
+    posterior_mu : Tensor
+        ``(P,)`` group mean (normalized space).
+    posterior_sigma : Tensor
+        ``(P,)`` group variances (normalized space).
+    posterior_cov : Tensor
+        ``(P, P)`` group covariance (diagonal unless ``group="full"``).
+    NPL, NLPrior, NLL : Tensor
+        ``(S,)`` negative log posterior, negative log prior, negative log-likelihood at ``m``.
+    hess_logdet : Tensor
+        ``(S,)`` log-determinant of each Hessian (used for the Laplace evidence).
+    hessian_ok : Tensor
+        ``(S,)`` bool, Hessian finite and positive definite.
+    estep_success : Tensor
+        ``(S,)`` bool, the last E-step converged for the subject.
+    n_obs : Tensor
+        ``(S,)`` observations (unmasked trials) per subject.
+    convergence : bool
+        EM met ``convergence_crit`` before ``mstep_maxit``.
+    n_iter : int
+        EM iterations run.
+    history : DataFrame
+        One row per iteration: ``iteration``, ``NPL``, ``mu[name]``, ``sigma[name]``,
+        ``estep_failed``, ``hessian_bad``.
+    param_names : list of str
+    subject_ids : list
+    stopped : bool
+        The callback asked to stop before convergence.
+    """
+
+    m: torch.Tensor
+    inv_h: torch.Tensor
+    posterior_mu: torch.Tensor
+    posterior_sigma: torch.Tensor
+    posterior_cov: torch.Tensor
+    NPL: torch.Tensor
+    NLPrior: torch.Tensor
+    NLL: torch.Tensor
+    hess_logdet: torch.Tensor
+    hessian_ok: torch.Tensor
+    estep_success: torch.Tensor
+    n_obs: torch.Tensor
+    convergence: bool
+    n_iter: int
+    history: pd.DataFrame
+    param_names: list
+    subject_ids: list
+    param_xform: list = field(default_factory=list, repr=False)
+    group: str = "diag"
+    estep: str = "laplace"
+    stopped: bool = False
+
+    @property
+    def n_subjects(self) -> int:
+        return int(self.m.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return int(self.m.shape[1])
+
+    def natural_params(self) -> torch.Tensor:
+        """``(S, P)`` MAP parameters in natural space."""
+        return torch.stack([t(self.m[:, j]) for j, t in enumerate(self.param_xform)], -1)
+
+    def params_df(self) -> pd.DataFrame:
+        """Natural-space MAP parameters, one row per subject, indexed by subject id."""
+        values = self.natural_params().detach().cpu().numpy()
+        return pd.DataFrame(values, columns=self.param_names,
+                            index=pd.Index(self.subject_ids, name="subject"))
+
+    def group_df(self) -> pd.DataFrame:
+        """Group mean and standard deviation per parameter (normalized space)."""
+        return pd.DataFrame(
+            {"mu": self.posterior_mu.cpu().numpy(), "sd": self.posterior_sigma.sqrt().cpu().numpy()},
+            index=pd.Index(self.param_names, name="parameter"),
+        )
+
+    def __repr__(self) -> str:
+        mu = ", ".join(f"{n}={v:.3f}" for n, v in zip(self.param_names, self.posterior_mu.tolist()))
+        sd = ", ".join(f"{n}={v:.3f}" for n, v in zip(self.param_names, self.posterior_sigma.sqrt().tolist()))
+        state = "converged" if self.convergence else ("stopped" if self.stopped else "not converged")
+        return (
+            f"FitResult({self.n_subjects} subjects, {self.n_params} parameters, {state} after "
+            f"{self.n_iter} iterations, NPL={float(self.NPL.sum()):.4f}; group mean [{mu}], "
+            f"group sd [{sd}] (normalized); E-step failures {int((~self.estep_success).sum())}, "
+            f"non-PD Hessians {int((~self.hessian_ok).sum())})"
+        )
+
+
+def _objective(model: Model, batch: SubjectBatch, group: GaussianGroup) -> Callable:
+    """``fun(x, idx)``: negative log posterior of the subjects ``idx`` at ``x``."""
+    data, mask, S = batch.data, batch.mask, batch.n_subjects
+
+    def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if idx.numel() == S:  # indices are sorted and unique: all subjects, no copy
+            return model.nll(x, data, mask) + group.neg_log_prior(x)
+        return model.nll(x, tuple(d[idx] for d in data), mask[idx]) + group.neg_log_prior(x)
+
+    return fun
+
+
+def _estep(fun: Callable, x0: torch.Tensor, h0: torch.Tensor | None, group: GaussianGroup,
+           generator: torch.Generator, max_restarts: int, optim_kwargs: dict):
+    """Batched MAP search; failed subjects restart from group draws, keeping the best point.
+
+    ``h0`` (the previous iteration's inverse Hessians) preconditions the warm start.
+    """
+    res = minimize(fun, x0, h0=h0, **optim_kwargs)
+    x, f, ok = res.x, res.fun, res.success
+    for _ in range(max_restarts):
+        failed = (~ok).nonzero().squeeze(1)
+        if failed.numel() == 0:
+            break
+        starts = group.sample(failed.numel(), generator)
+        sub = minimize(lambda z, i: fun(z, failed[i]), starts, **optim_kwargs)
+        f_old = torch.where(torch.isfinite(f[failed]), f[failed], torch.full_like(sub.fun, math.inf))
+        better = (sub.success & ~ok[failed]) | (sub.fun < f_old)
+        take = failed[better]
+        x[take], f[take] = sub.x[better], sub.fun[better]
+        ok[take] = sub.success[better]
+    return x, f, ok
+
+
+def run_em(
+    model: Model,
+    batch: SubjectBatch,
+    *,
+    group: str = "diag",
+    mstep_maxit: int = 800,
+    convergence_crit: float = 1e-3,
+    seed: int | None = 0,
+    max_restarts: int = 2,
+    estep_maxit: int = 200,
+    gtol: float = 1e-6,
+    hessian_chunk: int = 20000,
+    verbose: int = 1,
+    callback: Callable[[IterationState], Any] | None = None,
+) -> FitResult:
+    """Fit the hierarchical model by EM with batched MAP E-steps.
+
+    Parameters
+    ----------
+    model : Model
+        Likelihood, parameter names and transforms.
+    batch : SubjectBatch
+        Data on the device and dtype of the fit.
+    group : {"diag", "full"}
+        Group covariance: diagonal (pyEM's default) or full.
+    mstep_maxit : int
+        Maximum EM iterations.
+    convergence_crit : float
+        Stop when the summed NPL changes by less than this between iterations.
+    seed : int or None
+        Seed of the starting points and restarts; the same seed on the same
+        device gives identical results.
+    max_restarts : int
+        Restarts from random starts for subjects whose E-step fails.
+    estep_maxit, gtol : int, float
+        L-BFGS iteration cap and gradient tolerance per E-step.
+    hessian_chunk : int
+        Subjects per Hessian evaluation (bounds memory).
+    verbose : int
+        0: silent; 1: a tqdm bar with the iteration and NPL.
+    callback : callable, optional
+        Called with an :class:`IterationState` after every iteration;
+        returning ``False`` stops EM there (the result so far is kept).
+
+    Returns
+    -------
+    FitResult
+    """
+    S, P = batch.n_subjects, model.n_params
+    dtype = next((t.dtype for t in batch.data if t.is_floating_point()), torch.float64)
+    device = batch.device
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(int(seed))
+    else:
+        generator.seed()
+    grp = make_group(group, P, dtype=dtype, device=device)
+    x = 0.1 * torch.randn(S, P, generator=generator, dtype=dtype).to(device)
+    optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
+    all_idx = torch.arange(S, device=device)
+    inv_h = None
+    rows: list[dict] = []
+    npl_old = math.inf
+    converged = stopped = False
+    bar = tqdm(total=mstep_maxit, desc="EM", disable=not verbose, leave=True)
+    try:
+        for it in range(1, mstep_maxit + 1):
+            fun = _objective(model, batch, grp)
+            x, npl, ok_opt = _estep(fun, x, inv_h, grp, generator, max_restarts, optim_kwargs)
+            usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
+            if not usable.all():
+                raise RuntimeError(
+                    f"{int((~usable).sum())} subject(s) have a non-finite objective at every start "
+                    f"(first: {batch.subject_ids[int((~usable).nonzero()[0])]!r}); check the model and data"
+                )
+            H = torch.cat([
+                batched_hessian(lambda z, lo=lo: fun(z, all_idx[lo:lo + hessian_chunk]), x[lo:lo + hessian_chunk])
+                for lo in range(0, S, hessian_chunk)
+            ])
+            inv_h, logdet, ok_h = invert_pd(H, grp.cov)
+            nlprior = grp.neg_log_prior(x)
+            new_grp = grp.mstep(x, inv_h)
+            total = float(npl.sum())
+            converged = abs(total - npl_old) < convergence_crit
+            row = {"iteration": it, "NPL": total}
+            row.update({f"mu[{n}]": v for n, v in zip(model.param_names, new_grp.mu.tolist())})
+            row.update({f"sigma[{n}]": v for n, v in zip(model.param_names, new_grp.var.tolist())})
+            row.update({"estep_failed": int((~ok_opt).sum()), "hessian_bad": int((~ok_h).sum())})
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(NPL=f"{total:.4f}")
+            grp, npl_old = new_grp, total
+            if callback is not None:
+                state = IterationState(it, mstep_maxit, total, new_grp.mu.cpu().numpy(), new_grp.var.cpu().numpy(),
+                                       row["estep_failed"], row["hessian_bad"], converged)
+                if callback(state) is False and not converged:
+                    stopped = True
+                    break
+            if converged:
+                break
+    finally:
+        bar.close()
+    if rows and rows[-1]["hessian_bad"]:
+        warnings.warn(f"{rows[-1]['hessian_bad']} subject(s) had a Hessian that is not positive definite at the "
+                      "final MAP; their inverse Hessian was replaced by the group covariance (see hessian_ok)",
+                      RuntimeWarning, stacklevel=3)
+    if rows and rows[-1]["estep_failed"]:
+        warnings.warn(f"{rows[-1]['estep_failed']} subject(s) did not converge in the final E-step "
+                      "(see estep_success); their best point was kept", RuntimeWarning, stacklevel=3)
+    return FitResult(
+        m=x, inv_h=inv_h, posterior_mu=grp.mu, posterior_sigma=grp.var, posterior_cov=grp.cov,
+        NPL=npl, NLPrior=nlprior, NLL=npl - nlprior, hess_logdet=logdet, hessian_ok=ok_h,
+        estep_success=ok_opt, n_obs=batch.n_obs, convergence=converged, n_iter=len(rows),
+        history=pd.DataFrame(rows), param_names=list(model.param_names), subject_ids=list(batch.subject_ids),
+        param_xform=list(model.param_xform), group=group, stopped=stopped,
+    )
