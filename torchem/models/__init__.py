@@ -2,8 +2,27 @@
 
 Every model is a batched torch likelihood ``fit_func(params (S, P), *data,
 mask=None, output="nll")`` carrying its parameter names, transforms, data
-inputs and simulator (``fit_func.simulate``).
+inputs and simulator (``fit_func.simulate``).  :data:`MODELS` names them for
+the command line and the widgets.
 """
+from __future__ import annotations
+
+from typing import Callable
+
 from . import rl
 
-__all__ = ["rl"]
+__all__ = ["rl", "MODELS", "get_model"]
+
+#: Library models by name.
+MODELS: dict[str, Callable] = {
+    "rw1a1b": rl.rw1a1b_fit,
+    "rw2a1b": rl.rw2a1b_fit,
+}
+
+
+def get_model(name: str) -> Callable:
+    """The library ``fit_func`` called ``name`` (e.g. ``"rw1a1b"``)."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}") from None
