@@ -5,6 +5,7 @@ The core (``torchem``) never imports the Jupyter widget layer (``torchem.widgets
 from __future__ import annotations
 
 from .api import EMModel
+from .compare import ModelComparison
 from .data import SubjectBatch
 from .em import FitResult, IterationState, run_em
 from .model import Model, model_spec
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMModel",
+    "ModelComparison",
     "SubjectBatch",
     "FitResult",
     "IterationState",

@@ -124,31 +124,35 @@ class EMModel:
         return self.result
 
     # ------------------------------------------------------------------- fit
-    def fit(
-        self,
-        *,
-        group: str = "diag",
-        mstep_maxit: int = 800,
-        convergence_crit: float = 1e-3,
-        seed: int | None = 0,
-        max_restarts: int = 2,
-        estep_maxit: int = 200,
-        gtol: float = 1e-6,
-        verbose: int = 1,
-        callback: Callable[[IterationState], Any] | None = None,
-        njobs: int | None = None,
-    ) -> FitResult:
-        """Fit by hierarchical EM; see :func:`torchem.em.run_em` for every option.
+    def fit(self, *, verbose: int = 1, seed: int | None = 0, callback: Callable[[IterationState], Any] | None = None,
+            njobs: int | None = None, **options: Any) -> FitResult:
+        """Fit by hierarchical EM with batched MAP E-steps.
 
-        ``njobs`` is accepted for pyEM compatibility and ignored: all subjects
-        run as one batch.  Returns the :class:`FitResult`, also kept as
-        ``self.result``.
+        Parameters
+        ----------
+        verbose : int
+            1 shows a tqdm bar with the iteration and NPL; 0 is silent.
+        seed : int or None
+            Seed of starting points, restarts and importance draws; the same
+            seed on the same device gives identical results.
+        callback : callable, optional
+            ``callback(IterationState)`` after every iteration; returning
+            ``False`` stops and keeps the partial result.
+        njobs : int, optional
+            Accepted for pyEM compatibility and ignored: all subjects run as one batch.
+        **options
+            Any option of :func:`torchem.em.run_em`: ``group`` ("diag"/"full"),
+            ``mstep_maxit``, ``convergence_crit``, ``max_restarts``,
+            ``estep_maxit``, ``gtol``, ``estep`` ("laplace"/"importance"),
+            ``nsamples``, ``final_nsamples``, ``proposal_df``, ``min_ess``,
+            ``group_tol``, ``hessian_chunk``.
+
+        Returns
+        -------
+        FitResult
+            Also kept as ``self.result``.
         """
-        self.result = run_em(
-            self.model, self.batch, group=group, mstep_maxit=mstep_maxit, convergence_crit=convergence_crit,
-            seed=seed, max_restarts=max_restarts, estep_maxit=estep_maxit, gtol=gtol, verbose=verbose,
-            callback=callback,
-        )
+        self.result = run_em(self.model, self.batch, verbose=verbose, seed=seed, callback=callback, **options)
         return self.result
 
     # ------------------------------------------------------------ accessors
@@ -259,7 +263,7 @@ class EMModel:
         return self.simulate_func(*args, **kwargs)
 
     def recover(self, true_params: np.ndarray, pr_inputs: Sequence[str] | None = None,
-                fit_kwargs: dict | None = None, **sim_kwargs) -> dict:
+                fit_kwargs: dict | None = None, nrounds: int = 1, **sim_kwargs) -> dict:
         """Parameter recovery: simulate from ``true_params``, fit, compare.
 
         Parameters
@@ -271,33 +275,47 @@ class EMModel:
             order (default: the model's declared inputs).
         fit_kwargs : dict, optional
             Options for :meth:`fit` (default: ``verbose=0``).
+        nrounds : int
+            Repeat over fresh simulations of the same parameters (seed
+            ``seed + round`` when ``seed`` is given) and report the spread.
         **sim_kwargs
             Passed to the simulator (``nblocks``, ``ntrials``, ``seed``, ...).
 
         Returns
         -------
         dict
-            ``true_params``, ``estimated_params`` (natural ``(S, P)``),
-            ``correlation`` and ``rmse`` (per parameter), ``param_names``,
-            ``fit_result`` and the simulation ``sim``.
+            ``true_params``, ``estimated_params`` (natural ``(S, P)``; rounds
+            stacked to ``(nrounds * S, P)``), ``correlation`` and ``rmse``
+            (per parameter; means over rounds), ``correlation_rounds`` and
+            ``rmse_rounds`` ``(nrounds, P)``, ``correlation_sd``,
+            ``param_names``, ``fit_result`` and ``sim`` (of the last round).
         """
         true_params = np.asarray(true_params, dtype=float)
-        sim = self.simulate(true_params, **sim_kwargs)
         keys = list(pr_inputs or self.model.inputs or [])
         if not keys:
             raise ValueError("pr_inputs must name the simulator outputs the fit function takes")
-        missing = [k for k in keys if k not in sim]
-        if missing:
-            raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
-        all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
-        twin = EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform,
-                       self.simulate_func, per_subject=self.model.per_subject, input_names=keys,
-                       device=self.device, dtype=self.dtype)
-        result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
-        est = result.natural_params().detach().cpu().numpy()
-        corr = np.array([np.corrcoef(true_params[:, j], est[:, j])[0, 1] for j in range(est.shape[1])])
-        rmse = np.sqrt(((true_params - est) ** 2).mean(0))
-        return {"true_params": true_params, "estimated_params": est, "correlation": corr, "rmse": rmse,
+        estimates, corrs, rmses = [], [], []
+        for rnd in range(nrounds):
+            kwargs = dict(sim_kwargs)
+            if kwargs.get("seed") is not None:
+                kwargs["seed"] = int(kwargs["seed"]) + rnd
+            sim = self.simulate(true_params, **kwargs)
+            missing = [k for k in keys if k not in sim]
+            if missing:
+                raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
+            all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
+            twin = EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform,
+                           self.simulate_func, per_subject=self.model.per_subject, input_names=keys,
+                           device=self.device, dtype=self.dtype)
+            result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
+            est = result.natural_params().detach().cpu().numpy()
+            estimates.append(est)
+            corrs.append([np.corrcoef(true_params[:, j], est[:, j])[0, 1] for j in range(est.shape[1])])
+            rmses.append(np.sqrt(((true_params - est) ** 2).mean(0)))
+        corrs, rmses = np.asarray(corrs), np.asarray(rmses)
+        return {"true_params": np.tile(true_params, (nrounds, 1)), "estimated_params": np.concatenate(estimates),
+                "correlation": corrs.mean(0), "rmse": rmses.mean(0), "correlation_rounds": corrs,
+                "rmse_rounds": rmses, "correlation_sd": corrs.std(0, ddof=1) if nrounds > 1 else np.zeros(corrs.shape[1]),
                 "param_names": list(self.param_names), "fit_result": result, "sim": sim}
 
     def plot_recovery(self, recovery_dict: dict, figsize: tuple[float, float] | None = None):

@@ -32,6 +32,12 @@ def _to_numpy(value: Any) -> np.ndarray:
         return value.detach().cpu().numpy()
     if isinstance(value, pd.Series):
         return value.to_numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    # a Python sequence: keep text as objects so a missing value (NaN, None) is not turned into 'nan'
+    obj = np.asarray(value, dtype=object)
+    if any(isinstance(v, str) for v in obj.ravel()):
+        return obj
     return np.asarray(value)
 
 
@@ -243,7 +249,8 @@ class SubjectBatch:
                 row = df.index[bad.to_numpy()][0]
                 raise ValueError(f"column '{col}' is missing at row {row!r}")
         order = [c for c in (block, trial) if c is not None]
-        keys = ([block] if block else []) + ([trial] if trial else [])
+        # without a trial column, rows keep their order and cannot be duplicates of each other
+        keys = [c for c in (block, trial) if c is not None] if trial is not None else []
         per_subject, masks, ids = [], [], []
         for sid, sub in df.groupby(subject, sort=True):
             if order:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .curvature import batched_hessian, invert_pd
 from .data import SubjectBatch
 from .groups import GaussianGroup, make_group
+from .importance import ImportanceResult, importance_sample
 from .model import Model
 from .optim import minimize
 
@@ -104,6 +105,11 @@ class FitResult:
     subject_ids : list
     stopped : bool
         The callback asked to stop before convergence.
+    estep : str
+        ``"laplace"`` or ``"importance"``: which E-step fed the M-step.
+    importance : ImportanceResult or None
+        With ``estep="importance"``: the final iteration's per-subject
+        posterior means, covariances, effective sample sizes and evidence.
     """
 
     m: torch.Tensor
@@ -127,6 +133,7 @@ class FitResult:
     group: str = "diag"
     estep: str = "laplace"
     stopped: bool = False
+    importance: ImportanceResult | None = field(default=None, repr=False)
 
     @property
     def n_subjects(self) -> int:
@@ -168,9 +175,10 @@ class FitResult:
 def _objective(model: Model, batch: SubjectBatch, group: GaussianGroup) -> Callable:
     """``fun(x, idx)``: negative log posterior of the subjects ``idx`` at ``x``."""
     data, mask, S = batch.data, batch.mask, batch.n_subjects
+    everyone = torch.arange(S, device=mask.device)
 
     def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if idx.numel() == S:  # indices are sorted and unique: all subjects, no copy
+        if idx.numel() == S and bool((idx == everyone).all()):  # all subjects in order: no copy
             return model.nll(x, data, mask) + group.neg_log_prior(x)
         return model.nll(x, tuple(d[idx] for d in data), mask[idx]) + group.neg_log_prior(x)
 
@@ -199,6 +207,28 @@ def _estep(fun: Callable, x0: torch.Tensor, h0: torch.Tensor | None, group: Gaus
     return x, f, ok
 
 
+def _group_change(old: GaussianGroup, new: GaussianGroup) -> float:
+    """Largest relative change of a group mean or SD."""
+    d_mu = ((new.mu - old.mu).abs() / (1.0 + old.mu.abs())).max()
+    sd_old, sd_new = old.var.sqrt(), new.var.sqrt()
+    d_sd = ((sd_new - sd_old).abs() / (1.0 + sd_old)).max()
+    return float(torch.maximum(d_mu, d_sd))
+
+
+def _importance_step(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsamples: int, seed: int,
+                     df: float, min_ess: float) -> ImportanceResult:
+    """Importance moments of every subject's posterior; low-ESS subjects are redrawn with 4x the samples."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df)
+    low = (res.ess < min_ess).nonzero().squeeze(1)
+    if low.numel():
+        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen, df=df)
+        for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
+            getattr(res, name)[low] = getattr(more, name)
+    return res
+
+
 def run_em(
     model: Model,
     batch: SubjectBatch,
@@ -213,6 +243,12 @@ def run_em(
     hessian_chunk: int = 20000,
     verbose: int = 1,
     callback: Callable[[IterationState], Any] | None = None,
+    estep: str = "laplace",
+    nsamples: int = 1000,
+    final_nsamples: int | None = None,
+    proposal_df: float = 5.0,
+    min_ess: float = 50.0,
+    group_tol: float = 1e-3,
 ) -> FitResult:
     """Fit the hierarchical model by EM with batched MAP E-steps.
 
@@ -242,11 +278,33 @@ def run_em(
     callback : callable, optional
         Called with an :class:`IterationState` after every iteration;
         returning ``False`` stops EM there (the result so far is kept).
+    estep : {"laplace", "importance"}
+        ``"laplace"``: the M-step uses each MAP and inverse Hessian (pyEM,
+        emfit, cbm).  ``"importance"``: it uses posterior means and
+        covariances from importance sampling around the MAP
+        (:mod:`torchem.importance`), which removes the Laplace bias of the
+        group estimates.
+    nsamples : int
+        Importance draws per subject and iteration (the same draws every
+        iteration: common random numbers).
+    final_nsamples : int, optional
+        Draws of the final iteration run after convergence (default ``4 * nsamples``).
+    proposal_df : float
+        Degrees of freedom of the Student-t proposal.
+    min_ess : float
+        Subjects whose effective sample size falls below this are redrawn
+        with four times the samples; a warning reports any still below.
+    group_tol : float
+        Importance E-step convergence: the relative change of every group
+        mean and SD stays below this for three iterations in a row.
 
     Returns
     -------
     FitResult
     """
+    if estep not in ("laplace", "importance"):
+        raise ValueError(f"estep must be 'laplace' or 'importance', got {estep!r}")
+    final_nsamples = 4 * nsamples if final_nsamples is None else final_nsamples
     S, P = batch.n_subjects, model.n_params
     dtype = next((t.dtype for t in batch.data if t.is_floating_point()), torch.float64)
     device = batch.device
@@ -259,13 +317,17 @@ def run_em(
     x = 0.1 * torch.randn(S, P, generator=generator, dtype=dtype).to(device)
     optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
     all_idx = torch.arange(S, device=device)
-    inv_h = None
+    crn_seed = (0 if seed is None else int(seed)) + 7919  # common random numbers for every iteration
+    inv_h = isr = None
     rows: list[dict] = []
     npl_old = math.inf
-    converged = stopped = False
-    bar = tqdm(total=mstep_maxit, desc="EM", disable=not verbose, leave=True)
+    deltas: list[float] = []
+    converged = stopped = final_pass = False
+    it = 0
+    bar = tqdm(total=mstep_maxit, desc=f"EM ({estep})", disable=not verbose, leave=True)
     try:
-        for it in range(1, mstep_maxit + 1):
+        while it < mstep_maxit or final_pass:
+            it += 1
             fun = _objective(model, batch, grp)
             x, npl, ok_opt = _estep(fun, x, inv_h, grp, generator, max_restarts, optim_kwargs)
             usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
@@ -280,10 +342,18 @@ def run_em(
             ])
             inv_h, logdet, ok_h = invert_pd(H, grp.cov)
             nlprior = grp.neg_log_prior(x)
-            new_grp = grp.mstep(x, inv_h)
             total = float(npl.sum())
-            converged = abs(total - npl_old) < convergence_crit
             row = {"iteration": it, "NPL": total}
+            if estep == "importance":
+                n = final_nsamples if final_pass else nsamples
+                isr = _importance_step(fun, x, inv_h, n, crn_seed + int(final_pass), proposal_df, min_ess)
+                new_grp = grp.mstep(isr.mean, isr.cov)
+                deltas.append(_group_change(grp, new_grp))
+                converged = len(deltas) >= 3 and max(deltas[-3:]) < group_tol
+                row.update({"nsamples": n, "ess_min": float(isr.ess.min()), "group_change": deltas[-1]})
+            else:
+                new_grp = grp.mstep(x, inv_h)
+                converged = abs(total - npl_old) < convergence_crit
             row.update({f"mu[{n}]": v for n, v in zip(model.param_names, new_grp.mu.tolist())})
             row.update({f"sigma[{n}]": v for n, v in zip(model.param_names, new_grp.var.tolist())})
             row.update({"estep_failed": int((~ok_opt).sum()), "hessian_bad": int((~ok_h).sum())})
@@ -297,13 +367,21 @@ def run_em(
                 if callback(state) is False and not converged:
                     stopped = True
                     break
-            if converged:
+            if final_pass:
+                break
+            if estep == "importance" and (converged or it == mstep_maxit):
+                final_pass = True  # one more iteration with the larger sample
+            elif converged:
                 break
     finally:
         bar.close()
     if rows and rows[-1]["hessian_bad"]:
         warnings.warn(f"{rows[-1]['hessian_bad']} subject(s) had a Hessian that is not positive definite at the "
                       "final MAP; their inverse Hessian was replaced by the group covariance (see hessian_ok)",
+                      RuntimeWarning, stacklevel=3)
+    if isr is not None and bool((isr.ess < min_ess).any()):
+        warnings.warn(f"{int((isr.ess < min_ess).sum())} subject(s) kept an effective sample size below "
+                      f"{min_ess:g} after redrawing (see result.importance.ess); raise nsamples",
                       RuntimeWarning, stacklevel=3)
     if rows and rows[-1]["estep_failed"]:
         warnings.warn(f"{rows[-1]['estep_failed']} subject(s) did not converge in the final E-step "
@@ -313,5 +391,5 @@ def run_em(
         NPL=npl, NLPrior=nlprior, NLL=npl - nlprior, hess_logdet=logdet, hessian_ok=ok_h,
         estep_success=ok_opt, n_obs=batch.n_obs, convergence=converged, n_iter=len(rows),
         history=pd.DataFrame(rows), param_names=list(model.param_names), subject_ids=list(batch.subject_ids),
-        param_xform=list(model.param_xform), group=group, stopped=stopped,
+        param_xform=list(model.param_xform), group=group, estep=estep, stopped=stopped, importance=isr,
     )

@@ -6,7 +6,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["plot_scatter", "plot_recovery", "plot_history"]
+__all__ = ["plot_scatter", "plot_recovery", "plot_history", "plot_matrix"]
 
 
 def plot_scatter(x: Sequence[float], xlabel: str, y: Sequence[float], ylabel: str, ax=None,
@@ -94,5 +94,33 @@ def plot_history(history, param_names: Sequence[str], figsize: tuple[float, floa
     a1.set_xlabel("EM iteration")
     a1.set_ylabel("group mean +/- 1 SD (normalized)")
     a1.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_matrix(table, title: str = "", xlabel: str = "", ylabel: str = "", ax=None, cmap: str = "Blues",
+                fmt: str = "{:.2f}"):
+    """Annotated heat map of a DataFrame (rows and columns labelled from its index and columns).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    values = np.asarray(table, dtype=float)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.2 * values.shape[1] + 2.4, 1.0 * values.shape[0] + 1.8))
+    else:
+        fig = ax.figure
+    im = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=max(1.0, float(np.nanmax(values))))
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            dark = values[i, j] > 0.6 * im.norm.vmax
+            ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig

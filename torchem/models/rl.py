@@ -57,8 +57,8 @@ def _rw_bandit(beta: torch.Tensor, alpha_pos: torch.Tensor, alpha_neg: torch.Ten
     S = beta.shape[0]
     n_blocks = c.shape[0] // S
     dtype = beta.dtype
-    c = c.to(dtype)
-    r = r.to(dtype)
+    c = torch.where(m, c, 0).to(dtype)  # padded trials hold anything (even NaN): zero them once
+    r = torch.where(m, r, 0).to(dtype)
     m = m.to(dtype)
     b = beta.repeat_interleave(n_blocks)
     ap = alpha_pos.repeat_interleave(n_blocks)

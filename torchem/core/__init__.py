@@ -1,0 +1,1 @@
+"""pyEM-compatible import paths (``torchem.core.compare``)."""

@@ -1,0 +1,155 @@
+r"""Importance sampling of every subject's posterior at once.
+
+The Laplace approximation feeds the M-step with each subject's MAP and inverse
+Hessian.  With bounded parameters and ~100 trials the posterior is skewed and
+that Gaussian is poor, which biases the group estimates (the group variance
+comes out too small).  Here each subject's posterior moments are computed by
+self-normalized importance sampling instead:
+
+- proposal: multivariate Student-t with ``df`` degrees of freedom, centred at
+  the MAP ``m_i`` with the inverse Hessian ``V_i = L_i L_i^T`` as scale,
+  ``theta = m_i + L_i z sqrt(df / u)``, ``z ~ N(0, I)``, ``u ~ chi2(df)``;
+- weights: ``log w = -NPL_i(theta) - log q_i(theta)``, the unnormalized
+  posterior (likelihood times group prior) over the proposal density;
+- moments: ``E[theta] = sum w theta / sum w``, ``E[theta theta^T]`` likewise;
+- evidence: ``log p(D_i) = log mean w`` with the delta-method standard error
+  ``sd(w) / (mean(w) sqrt(n))``;
+- effective sample size ``(sum w)^2 / sum w^2``.
+
+All draws of all subjects go through the batched likelihood together, in
+chunks that bound memory.  The draws are a function of the seed only, so
+re-seeding gives common random numbers across EM iterations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["ImportanceResult", "importance_sample"]
+
+
+@dataclass
+class ImportanceResult:
+    """Per-subject importance-sampling summaries; every field has the subjects first.
+
+    Attributes
+    ----------
+    mean : Tensor
+        ``(S, P)`` posterior means.
+    cov : Tensor
+        ``(S, P, P)`` posterior covariances.
+    log_evidence : Tensor
+        ``(S,)`` ``log p(D_i)`` under the group prior (log mean weight).
+    log_evidence_se : Tensor
+        ``(S,)`` Monte Carlo standard error of ``log_evidence``.
+    ess : Tensor
+        ``(S,)`` effective sample size.
+    nsamples : Tensor
+        ``(S,)`` draws used per subject.
+    """
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    log_evidence: torch.Tensor
+    log_evidence_se: torch.Tensor
+    ess: torch.Tensor
+    nsamples: torch.Tensor
+
+
+def _draw(n: int, S: int, P: int, df: float, generator: torch.Generator, dtype: torch.dtype,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard normal ``z`` ``(n, S, P)`` and the t-scaling ``sqrt(df / u)`` ``(n, S)``, ``u ~ chi2(df)``."""
+    z = torch.randn(n, S, P, generator=generator, dtype=dtype)
+    u = _chi2(n * S, df, generator, dtype).reshape(n, S)
+    return z.to(device), (df / u).sqrt().to(device)
+
+
+def _chi2(n: int, df: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` chi-square draws with ``df`` degrees of freedom from a seeded generator (Marsaglia-Tsang)."""
+    shape = df / 2.0
+    boost = shape < 1.0
+    a = shape + 1.0 if boost else shape
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(n, dtype=dtype)
+    filled = 0
+    while filled < n:
+        m = 2 * (n - filled) + 16
+        x = torch.randn(m, generator=generator, dtype=dtype)
+        v = (1.0 + c * x) ** 3
+        unif = torch.rand(m, generator=generator, dtype=dtype)
+        ok = (v > 0) & (torch.log(unif) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        acc = (d * v)[ok][: n - filled]
+        out[filled:filled + acc.numel()] = acc
+        filled += acc.numel()
+    if boost:
+        out = out * torch.rand(n, generator=generator, dtype=dtype) ** (1.0 / shape)
+    return 2.0 * out
+
+
+def importance_sample(
+    log_post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    m: torch.Tensor,
+    cov: torch.Tensor,
+    nsamples: int,
+    generator: torch.Generator,
+    *,
+    df: float = 5.0,
+    chunk: int = 200_000,
+) -> ImportanceResult:
+    """Importance-sample every subject's posterior with a Student-t proposal.
+
+    Parameters
+    ----------
+    log_post : callable
+        ``log_post(theta, idx) -> (n,)`` unnormalized log posterior
+        (``-NPL``) of subjects ``idx`` ``(n,)`` at ``theta`` ``(n, P)``.
+    m : Tensor
+        ``(S, P)`` proposal centres (the MAPs).
+    cov : Tensor
+        ``(S, P, P)`` positive definite proposal scales (inverse Hessians).
+    nsamples : int
+        Draws per subject.
+    generator : torch.Generator
+        CPU generator for the draws; reseed it to repeat them exactly.
+    df : float
+        Degrees of freedom of the proposal (heavier tails for smaller values).
+    chunk : int
+        Subject-draw pairs per likelihood call.
+
+    Returns
+    -------
+    ImportanceResult
+    """
+    S, P = m.shape
+    dtype, device = m.dtype, m.device
+    z, scale = _draw(nsamples, S, P, df, generator, dtype, device)
+    chol = torch.linalg.cholesky(cov)  # (S, P, P)
+    step = torch.einsum("spq,nsq->nsp", chol, z) * scale[..., None]
+    theta = m + step  # (n, S, P)
+    # log proposal density: the Mahalanobis distance is |z|^2 df / u
+    maha = (z * z).sum(-1) * scale * scale
+    log_q = (math.lgamma((df + P) / 2) - math.lgamma(df / 2) - 0.5 * P * math.log(df * math.pi)
+             - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * (df + P) * torch.log1p(maha / df))
+    flat = theta.reshape(-1, P)
+    idx = torch.arange(S, device=device).repeat(nsamples)
+    with torch.no_grad():
+        lp = torch.cat([log_post(flat[lo:lo + chunk], idx[lo:lo + chunk]) for lo in range(0, flat.shape[0], chunk)])
+    log_w = lp.reshape(nsamples, S) - log_q
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+    top = log_w.max(0).values
+    w = torch.exp(log_w - top)  # (n, S), max 1
+    w_sum = w.sum(0)
+    wn = w / w_sum
+    mean = torch.einsum("ns,nsp->sp", wn, theta)
+    centred = theta - mean
+    cov_post = torch.einsum("ns,nsp,nsq->spq", wn, centred, centred)
+    mean_w = w_sum / nsamples
+    log_ev = top + torch.log(mean_w)
+    se = w.std(0, unbiased=True) / (mean_w * math.sqrt(nsamples))
+    ess = w_sum ** 2 / (w * w).sum(0)
+    return ImportanceResult(mean, 0.5 * (cov_post + cov_post.transpose(-1, -2)), log_ev, se, ess,
+                            torch.full((S,), nsamples, device=device))
