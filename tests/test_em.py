@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import torchem.em
 from torchem import EMModel, FitResult, IterationState, Model, SubjectBatch, run_em
-from torchem.em import _objective
+from torchem.em import neg_log_posterior
 from torchem.groups import GaussianGroup
 from torchem.models.rl import rw1a1b_fit
 from torchem.optim import minimize
@@ -200,18 +200,18 @@ def test_ragged_maps_under_a_fixed_prior_match_unpadded_subjects():
     model = Model.resolve(rw1a1b_fit)
     group = GaussianGroup(torch.tensor([-0.3, 0.2], dtype=DT), torch.diag(torch.tensor([0.8, 1.3], dtype=DT)))
     x0 = torch.zeros(batch.n_subjects, 2, dtype=DT)
-    padded = minimize(_objective(model, batch, group), x0, gtol=1e-10, max_iter=500)
+    padded = minimize(neg_log_posterior(model, batch, group), x0, gtol=1e-10, max_iter=500)
     assert padded.success.all()
     for i, subject in enumerate(data):
         alone = SubjectBatch.from_lists([subject], names=["choices", "rewards"])
         assert bool(alone.mask.all())  # no padding at all
-        res = minimize(_objective(model, alone, group), x0[:1], gtol=1e-10, max_iter=500)
+        res = minimize(neg_log_posterior(model, alone, group), x0[:1], gtol=1e-10, max_iter=500)
         assert res.success.all()
         torch.testing.assert_close(padded.x[i], res.x[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(padded.fun[i], res.fun[0], rtol=0, atol=1e-9)
     # a different prior really moves the MAPs (the test above is not vacuous)
     wide = GaussianGroup(torch.zeros(2, dtype=DT), 100 * torch.eye(2, dtype=DT))
-    other = minimize(_objective(model, batch, wide), x0, gtol=1e-10, max_iter=500)
+    other = minimize(neg_log_posterior(model, batch, wide), x0, gtol=1e-10, max_iter=500)
     assert (other.x - padded.x).abs().max() > 0.05
 
 

@@ -9,8 +9,9 @@ import torch
 
 from . import evidence, plotting
 from .data import SubjectBatch
-from .em import FitResult, IterationState, run_em
+from .em import FitResult, IterationState, neg_log_posterior, run_em
 from .groups import GaussianGroup
+from .importance import importance_sample, pairs_per_call
 from .model import Model
 
 __all__ = ["EMModel", "resolve_device"]
@@ -186,22 +187,56 @@ class EMModel:
         return self.model.param_xform[name_or_index]
 
     # ------------------------------------------------------------- evidence
-    def compute_lme(self) -> tuple[np.ndarray, float, np.ndarray]:
-        """Laplace log model evidence.
+    def compute_lme(self, method: str = "laplace", nsamples: int = 4000, seed: int | None = 0,
+                    return_se: bool = False, min_ess: float = 50.0):
+        """Log model evidence per subject and in total.
+
+        Parameters
+        ----------
+        method : {"laplace", "importance"}
+            ``"laplace"``: ``-NPL_i + P/2 log 2pi - 1/2 log det H_i`` with the
+            exact Hessian.  ``"importance"``: ``log mean w`` of ``nsamples``
+            importance weights per subject (Student-t proposal at the MAP
+            with the inverse Hessian as scale, the fitted group as prior),
+            which does not assume a Gaussian posterior.
+        nsamples, seed : int
+            Draws per subject and their seed (``"importance"`` only).
+        return_se : bool
+            Also return the per-subject Monte Carlo standard errors
+            (zeros for ``"laplace"``).
+        min_ess : float
+            ``"importance"``: subjects with a smaller effective sample size
+            are flagged not ``good``.
 
         Returns
         -------
         lap : ndarray
-            ``(S,)`` per-subject Laplace log evidence.
+            ``(S,)`` per-subject log evidence.
         lme : float
             ``sum(lap) - P log S`` (pyEM's total, penalizing the group parameters).
         good : ndarray
-            ``(S,)`` bool, the Hessian was positive definite (else the group
-            covariance stood in for its inverse).
+            ``(S,)`` bool: the Hessian was positive definite (else the group
+            covariance stood in for its inverse); for ``"importance"`` also
+            an effective sample size of at least ``min_ess``.
+        se : ndarray
+            ``(S,)`` standard errors, only with ``return_se=True``.
         """
         res = self._fitted()
-        lap = evidence.laplace_lme(res.NPL, res.hess_logdet, res.n_params)
-        return _numpy(lap), evidence.total_lme(lap, res.n_params), _numpy(res.hessian_ok)
+        if method == "laplace":
+            lap = evidence.laplace_lme(res.NPL, res.hess_logdet, res.n_params)
+            se = torch.zeros_like(lap)
+            good = res.hessian_ok
+        elif method == "importance":
+            fun = neg_log_posterior(self.model, self.batch, GaussianGroup(res.posterior_mu, res.posterior_cov))
+            gen = torch.Generator()
+            gen.manual_seed(0 if seed is None else int(seed))
+            isr = importance_sample(lambda th, i: -fun(th, i), res.m, res.inv_h, nsamples, gen,
+                                    chunk=pairs_per_call(self.batch.mask[0].numel(), self.device))
+            lap, se, good = isr.log_evidence, isr.log_evidence_se, res.hessian_ok & (isr.ess >= min_ess)
+        else:
+            raise ValueError(f"method must be 'laplace' or 'importance', got {method!r}")
+        out = (_numpy(lap), evidence.total_lme(lap, res.n_params), _numpy(good))
+        return out + (_numpy(se),) if return_se else out
 
     def integrated_log_likelihood(self, nsamples: int = 2000, seed: int | None = 0,
                                   max_elements: int = 20_000_000) -> torch.Tensor:

@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from .curvature import batched_hessian, invert_pd
 from .data import SubjectBatch
 from .groups import GaussianGroup, make_group
-from .importance import ImportanceResult, importance_sample
+from .importance import ImportanceResult, importance_sample, pairs_per_call
 from .model import Model
 from .optim import minimize
 
-__all__ = ["FitResult", "IterationState", "run_em"]
+__all__ = ["FitResult", "IterationState", "run_em", "neg_log_posterior"]
 
 
 @dataclass
@@ -172,7 +172,7 @@ class FitResult:
         )
 
 
-def _objective(model: Model, batch: SubjectBatch, group: GaussianGroup) -> Callable:
+def neg_log_posterior(model: Model, batch: SubjectBatch, group: GaussianGroup) -> Callable:
     """``fun(x, idx)``: negative log posterior of the subjects ``idx`` at ``x``."""
     data, mask, S = batch.data, batch.mask, batch.n_subjects
     everyone = torch.arange(S, device=mask.device)
@@ -216,14 +216,15 @@ def _group_change(old: GaussianGroup, new: GaussianGroup) -> float:
 
 
 def _importance_step(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsamples: int, seed: int,
-                     df: float, min_ess: float) -> ImportanceResult:
+                     df: float, min_ess: float, chunk: int) -> ImportanceResult:
     """Importance moments of every subject's posterior; low-ESS subjects are redrawn with 4x the samples."""
     gen = torch.Generator()
     gen.manual_seed(seed)
-    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df)
+    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df, chunk=chunk)
     low = (res.ess < min_ess).nonzero().squeeze(1)
     if low.numel():
-        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen, df=df)
+        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen,
+                                 df=df, chunk=chunk)
         for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
             getattr(res, name)[low] = getattr(more, name)
     return res
@@ -296,7 +297,9 @@ def run_em(
         with four times the samples; a warning reports any still below.
     group_tol : float
         Importance E-step convergence: the relative change of every group
-        mean and SD stays below this for three iterations in a row.
+        mean and SD stays below this for three iterations in a row.  The
+        importance iterations start from the converged Laplace EM solution
+        (the ``estep`` column of ``history`` tells which iterations sampled).
 
     Returns
     -------
@@ -319,6 +322,8 @@ def run_em(
     all_idx = torch.arange(S, device=device)
     crn_seed = (0 if seed is None else int(seed)) + 7919  # common random numbers for every iteration
     inv_h = isr = None
+    sampling = False  # importance E-steps start once Laplace EM has converged
+    chunk = pairs_per_call(batch.mask[0].numel(), device)
     rows: list[dict] = []
     npl_old = math.inf
     deltas: list[float] = []
@@ -328,7 +333,7 @@ def run_em(
     try:
         while it < mstep_maxit or final_pass:
             it += 1
-            fun = _objective(model, batch, grp)
+            fun = neg_log_posterior(model, batch, grp)
             x, npl, ok_opt = _estep(fun, x, inv_h, grp, generator, max_restarts, optim_kwargs)
             usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
             if not usable.all():
@@ -344,16 +349,20 @@ def run_em(
             nlprior = grp.neg_log_prior(x)
             total = float(npl.sum())
             row = {"iteration": it, "NPL": total}
-            if estep == "importance":
+            if sampling:
                 n = final_nsamples if final_pass else nsamples
-                isr = _importance_step(fun, x, inv_h, n, crn_seed + int(final_pass), proposal_df, min_ess)
+                isr = _importance_step(fun, x, inv_h, n, crn_seed + int(final_pass), proposal_df, min_ess,
+                                       chunk)
                 new_grp = grp.mstep(isr.mean, isr.cov)
                 deltas.append(_group_change(grp, new_grp))
-                converged = len(deltas) >= 3 and max(deltas[-3:]) < group_tol
-                row.update({"nsamples": n, "ess_min": float(isr.ess.min()), "group_change": deltas[-1]})
+                if not final_pass:  # the final, larger sample only refines a converged (or capped) run
+                    converged = len(deltas) >= 3 and max(deltas[-3:]) < group_tol
+                row.update({"estep": "importance", "nsamples": n, "ess_min": float(isr.ess.min()),
+                            "group_change": deltas[-1]})
             else:
                 new_grp = grp.mstep(x, inv_h)
                 converged = abs(total - npl_old) < convergence_crit
+                row["estep"] = "laplace"
             row.update({f"mu[{n}]": v for n, v in zip(model.param_names, new_grp.mu.tolist())})
             row.update({f"sigma[{n}]": v for n, v in zip(model.param_names, new_grp.var.tolist())})
             row.update({"estep_failed": int((~ok_opt).sum()), "hessian_bad": int((~ok_h).sum())})
@@ -369,7 +378,11 @@ def run_em(
                     break
             if final_pass:
                 break
-            if estep == "importance" and (converged or it == mstep_maxit):
+            if estep == "importance" and not sampling and (converged or it == mstep_maxit):
+                sampling, converged = True, False  # Laplace EM brought us close: now remove its bias
+                if it == mstep_maxit:
+                    final_pass = True
+            elif sampling and (converged or it == mstep_maxit):
                 final_pass = True  # one more iteration with the larger sample
             elif converged:
                 break

@@ -28,7 +28,13 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ImportanceResult", "importance_sample"]
+__all__ = ["ImportanceResult", "importance_sample", "pairs_per_call"]
+
+
+def pairs_per_call(trial_cells: int, device: torch.device) -> int:
+    """Subject-draw pairs per likelihood call: small enough to stay in cache on a CPU, large on a GPU."""
+    budget = 50_000_000 if device.type == "cuda" else 500_000
+    return max(256, budget // max(1, trial_cells))
 
 
 @dataclass
