@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["batched_hessian", "invert_pd"]
+__all__ = ["batched_hessian", "invert_pd", "cap_posterior_width"]
 
 
 def batched_hessian(fun: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -72,3 +72,46 @@ def invert_pd(H: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, to
     inv = torch.where(ok[:, None, None], inv, fallback.expand_as(H))
     logdet = torch.where(ok, logdet, -torch.linalg.slogdet(fallback)[1])
     return inv, logdet, ok
+
+
+def cap_posterior_width(H: torch.Tensor, prior_cov: torch.Tensor,
+                        factor: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep every Laplace posterior at most ``factor`` times wider (in variance) than the group prior.
+
+    A MAP on a shoulder of the likelihood (next to a second mode, or where a
+    bounded parameter saturates) can have a Hessian that is positive definite
+    but nearly singular.  Its inverse, the Laplace posterior covariance, is
+    then many times wider than the prior and jumps with tiny moves of the
+    MAP, which makes the M-step oscillate; the Gaussian approximation has
+    broken down there.  In the prior's whitened coordinates
+    ``A = L^T H L`` (``prior_cov = L L^T``), eigenvalues below ``1 / factor``
+    are raised to ``1 / factor``, so ``V = H^-1 <= factor * prior_cov``.
+    Hessians within the bound are returned unchanged.
+
+    Parameters
+    ----------
+    H : Tensor
+        ``(S, P, P)`` exact Hessians of the negative log posterior.
+    prior_cov : Tensor
+        ``(P, P)`` group covariance.
+    factor : float
+        Largest allowed ratio of posterior to prior variance along any direction.
+
+    Returns
+    -------
+    H_capped : Tensor
+        ``(S, P, P)``.
+    capped : Tensor
+        ``(S,)`` bool, where the cap changed ``H``.
+    """
+    finite = torch.isfinite(H).flatten(1).all(1)
+    L = torch.linalg.cholesky(prior_cov)
+    A = L.T @ torch.where(finite[:, None, None], H, torch.zeros_like(H)) @ L
+    evals, evecs = torch.linalg.eigh(0.5 * (A + A.transpose(-1, -2)))
+    floor = 1.0 / factor
+    # only PD Hessians are capped: a non-PD one is flagged and replaced elsewhere
+    capped = finite & (evals.min(-1).values > 0) & (evals < floor).any(-1)
+    A_capped = (evecs * evals.clamp_min(floor).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    L_inv = torch.linalg.inv(L)
+    H_capped = L_inv.T @ A_capped @ L_inv
+    return torch.where(capped[:, None, None], 0.5 * (H_capped + H_capped.transpose(-1, -2)), H), capped

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .curvature import batched_hessian, invert_pd
+from .curvature import batched_hessian, cap_posterior_width, invert_pd
 from .data import SubjectBatch
 from .groups import GaussianGroup, make_group
 from .importance import ImportanceResult, importance_sample, pairs_per_call
@@ -77,7 +77,8 @@ class FitResult:
     m : Tensor
         ``(S, P)`` per-subject MAP in normalized space.
     inv_h : Tensor
-        ``(S, P, P)`` inverse Hessians of the negative log posterior at ``m``.
+        ``(S, P, P)`` inverse Hessians of the negative log posterior at ``m``
+        (exact, except where ``laplace_capped``).
     posterior_mu : Tensor
         ``(P,)`` group mean (normalized space).
     posterior_sigma : Tensor
@@ -90,6 +91,11 @@ class FitResult:
         ``(S,)`` log-determinant of each Hessian (used for the Laplace evidence).
     hessian_ok : Tensor
         ``(S,)`` bool, Hessian finite and positive definite.
+    laplace_capped : Tensor
+        ``(S,)`` bool, the exact Hessian implied a Laplace posterior more
+        than ``laplace_cap`` times wider (in variance) than the group prior
+        along some direction; that direction's curvature was raised to the
+        cap (:func:`torchem.curvature.cap_posterior_width`).
     estep_success : Tensor
         ``(S,)`` bool, the last E-step converged for the subject.
     n_obs : Tensor
@@ -122,6 +128,7 @@ class FitResult:
     NLL: torch.Tensor
     hess_logdet: torch.Tensor
     hessian_ok: torch.Tensor
+    laplace_capped: torch.Tensor
     estep_success: torch.Tensor
     n_obs: torch.Tensor
     convergence: bool
@@ -240,7 +247,7 @@ def run_em(
     seed: int | None = 0,
     max_restarts: int = 2,
     estep_maxit: int = 200,
-    gtol: float = 1e-6,
+    gtol: float = 1e-5,
     hessian_chunk: int = 20000,
     verbose: int = 1,
     callback: Callable[[IterationState], Any] | None = None,
@@ -250,6 +257,8 @@ def run_em(
     proposal_df: float = 5.0,
     min_ess: float = 50.0,
     group_tol: float = 1e-3,
+    laplace_cap: float = 4.0,
+    init_var: float = 1.0,
 ) -> FitResult:
     """Fit the hierarchical model by EM with batched MAP E-steps.
 
@@ -271,9 +280,20 @@ def run_em(
     max_restarts : int
         Restarts from random starts for subjects whose E-step fails.
     estep_maxit, gtol : int, float
-        L-BFGS iteration cap and gradient tolerance per E-step.
+        L-BFGS iteration cap and gradient tolerance (largest absolute
+        gradient entry, as scipy's BFGS) per E-step.
     hessian_chunk : int
         Subjects per Hessian evaluation (bounds memory).
+    init_var : float
+        Variance of the starting group prior (mean 0).  The standard normal
+        matches the scale of the normalized space and makes the first E-step
+        well posed; pyEM starts from 100 (almost flat), which reaches the
+        same fixed point in more iterations.
+    laplace_cap : float
+        Largest ratio of a subject's Laplace posterior variance to the group
+        variance along any direction; Hessians that imply more (a MAP on a
+        near-flat shoulder of the likelihood) are capped and flagged in
+        ``laplace_capped``.  ``math.inf`` disables the cap.
     verbose : int
         0: silent; 1: a tqdm bar with the iteration and NPL.
     callback : callable, optional
@@ -316,7 +336,7 @@ def run_em(
         generator.manual_seed(int(seed))
     else:
         generator.seed()
-    grp = make_group(group, P, dtype=dtype, device=device)
+    grp = make_group(group, P, dtype=dtype, device=device, var=init_var)
     x = 0.1 * torch.randn(S, P, generator=generator, dtype=dtype).to(device)
     optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
     all_idx = torch.arange(S, device=device)
@@ -345,6 +365,7 @@ def run_em(
                 batched_hessian(lambda z, lo=lo: fun(z, all_idx[lo:lo + hessian_chunk]), x[lo:lo + hessian_chunk])
                 for lo in range(0, S, hessian_chunk)
             ])
+            H, capped = cap_posterior_width(H, grp.cov, laplace_cap)
             inv_h, logdet, ok_h = invert_pd(H, grp.cov)
             nlprior = grp.neg_log_prior(x)
             total = float(npl.sum())
@@ -365,7 +386,8 @@ def run_em(
                 row["estep"] = "laplace"
             row.update({f"mu[{n}]": v for n, v in zip(model.param_names, new_grp.mu.tolist())})
             row.update({f"sigma[{n}]": v for n, v in zip(model.param_names, new_grp.var.tolist())})
-            row.update({"estep_failed": int((~ok_opt).sum()), "hessian_bad": int((~ok_h).sum())})
+            row.update({"estep_failed": int((~ok_opt).sum()), "hessian_bad": int((~ok_h).sum()),
+                        "laplace_capped": int(capped.sum())})
             rows.append(row)
             bar.update(1)
             bar.set_postfix(NPL=f"{total:.4f}")
@@ -401,7 +423,7 @@ def run_em(
                       "(see estep_success); their best point was kept", RuntimeWarning, stacklevel=3)
     return FitResult(
         m=x, inv_h=inv_h, posterior_mu=grp.mu, posterior_sigma=grp.var, posterior_cov=grp.cov,
-        NPL=npl, NLPrior=nlprior, NLL=npl - nlprior, hess_logdet=logdet, hessian_ok=ok_h,
+        NPL=npl, NLPrior=nlprior, NLL=npl - nlprior, hess_logdet=logdet, hessian_ok=ok_h, laplace_capped=capped,
         estep_success=ok_opt, n_obs=batch.n_obs, convergence=converged, n_iter=len(rows),
         history=pd.DataFrame(rows), param_names=list(model.param_names), subject_ids=list(batch.subject_ids),
         param_xform=list(model.param_xform), group=group, estep=estep, stopped=stopped, importance=isr,

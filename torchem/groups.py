@@ -83,8 +83,9 @@ class GaussianGroup:
         return GaussianGroup(mu, cov, self.diagonal)
 
 
-def make_group(kind: str, n_params: int, *, dtype: torch.dtype, device: torch.device) -> GaussianGroup:
-    """Initial group distribution for ``kind`` in ``{"diag", "full"}``."""
+def make_group(kind: str, n_params: int, *, dtype: torch.dtype, device: torch.device,
+               var: float = 1.0) -> GaussianGroup:
+    """Initial group distribution (mean 0, variance ``var``) for ``kind`` in ``{"diag", "full"}``."""
     if kind not in ("diag", "full"):
         raise ValueError(f"group must be 'diag' or 'full', got {kind!r}")
-    return GaussianGroup.initial(n_params, diagonal=(kind == "diag"), dtype=dtype, device=device)
+    return GaussianGroup.initial(n_params, diagonal=(kind == "diag"), var=var, dtype=dtype, device=device)

@@ -62,28 +62,26 @@ def value_and_grad(fun: Objective, x: torch.Tensor, idx: torch.Tensor) -> tuple[
 
 
 def _two_loop(g: torch.Tensor, s_hist: torch.Tensor, y_hist: torch.Tensor, rho: torch.Tensor,
-              valid: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+              valid: torch.Tensor, h0: torch.Tensor | None, use_h0: torch.Tensor) -> torch.Tensor:
     """L-BFGS direction ``-H g`` for each problem; histories are ``(n, m, P)``, oldest first.
 
-    The initial matrix is ``h0`` ``(n, P, P)`` where given, else the usual
-    scaled identity ``(s'y / y'y) I`` from the newest pair.
+    The initial matrix is ``h0`` ``(n, P, P)`` for problems with ``use_h0``,
+    else the usual scaled identity ``(s'y / y'y) I`` from the newest pair.
     """
-    m = s_hist.shape[1]
+    used = valid.any(0).nonzero().squeeze(1).tolist()  # slots that hold a pair for some problem
     q = g.clone()
-    alphas = []
-    for j in range(m - 1, -1, -1):
+    alphas = {}
+    for j in reversed(used):
         a = torch.where(valid[:, j], rho[:, j] * (s_hist[:, j] * q).sum(-1), torch.zeros_like(rho[:, j]))
         q = q - a[:, None] * y_hist[:, j]
-        alphas.append(a)
-    alphas.reverse()
+        alphas[j] = a
+    sy = (s_hist[:, -1] * y_hist[:, -1]).sum(-1)
+    yy = (y_hist[:, -1] * y_hist[:, -1]).sum(-1)
+    gamma = torch.where(valid[:, -1], sy / yy.clamp_min(torch.finfo(g.dtype).tiny), torch.ones_like(sy))
+    r = gamma[:, None] * q
     if h0 is not None:
-        r = (h0 @ q.unsqueeze(-1)).squeeze(-1)
-    else:
-        sy = (s_hist[:, -1] * y_hist[:, -1]).sum(-1)
-        yy = (y_hist[:, -1] * y_hist[:, -1]).sum(-1)
-        gamma = torch.where(valid[:, -1], sy / yy.clamp_min(torch.finfo(g.dtype).tiny), torch.ones_like(sy))
-        r = gamma[:, None] * q
-    for j in range(m):
+        r = torch.where(use_h0[:, None], (h0 @ q.unsqueeze(-1)).squeeze(-1), r)
+    for j in used:
         b = torch.where(valid[:, j], rho[:, j] * (y_hist[:, j] * r).sum(-1), torch.zeros_like(rho[:, j]))
         r = r + (alphas[j] - b)[:, None] * s_hist[:, j]
     return -r
@@ -116,8 +114,11 @@ def minimize(
     gtol : float
         Converged when ``max |grad| <= gtol``.
     ftol : float
-        Also converged when an accepted step lowers ``f`` by no more than
-        ``ftol * max(|f|, 1)``.
+        A step that lowers ``f`` by no more than ``ftol * max(|f|, 1)``
+        counts as converged when ``max |grad| <= 1000 gtol`` (the
+        floating-point floor); with a larger gradient the curvature history
+        and ``h0`` are dropped and the search goes on along the gradient,
+        and a second such step ends the problem unconverged.
     history_size : int
         Curvature pairs kept per problem.
     max_ls : int
@@ -148,6 +149,7 @@ def minimize(
     rho = torch.zeros(S, m, device=dev, dtype=dt)
     valid = torch.zeros(S, m, dtype=torch.bool, device=dev)
     nit = torch.zeros(S, dtype=torch.long, device=dev)
+    use_h0 = torch.full((S,), h0 is not None, dtype=torch.bool, device=dev)
     finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
     success = finite & (g.abs().amax(-1) <= gtol)
     done = success | ~finite  # a non-finite start cannot be improved upon here
@@ -158,14 +160,15 @@ def minimize(
             break
         xa, fa, ga = x[active], f[active], g[active]
         d = _two_loop(ga, s_hist[active], y_hist[active], rho[active], valid[active],
-                      None if h0 is None else h0[active])
+                      None if h0 is None else h0[active], use_h0[active])
         gd = (ga * d).sum(-1)
-        first = ~valid[active].any(-1) & (h0 is None)
+        first = ~valid[active].any(-1) & ~use_h0[active]
         bad_dir = ~(gd < 0) | ~torch.isfinite(gd)
-        if bad_dir.any():  # fall back to steepest descent and forget the history
-            d = torch.where(bad_dir[:, None], -ga, d)  # (a non-finite h0 row lands here too)
+        if bad_dir.any():  # fall back to steepest descent and forget the history and h0
+            d = torch.where(bad_dir[:, None], -ga, d)
             gd = torch.where(bad_dir, -(ga * ga).sum(-1), gd)
             valid[active[bad_dir]] = False
+            use_h0[active[bad_dir]] = False
             first = first | bad_dir
         # first step along the raw gradient: at most a unit move in the largest coordinate
         t = torch.where(first, (1.0 / ga.abs().amax(-1).clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(fa))
@@ -194,11 +197,11 @@ def minimize(
         moved = ~pending
         # line-search failures: retry along the gradient once, else stop unconverged
         failed = pending
-        had_hist = valid[active].any(-1)
-        retry = failed & had_hist
+        fresh = ~valid[active].any(-1) & ~use_h0[active]  # the direction was already the raw gradient
+        retry = failed & ~fresh
         valid[active[retry]] = False
-        give_up = failed & ~had_hist
-        done[active[give_up]] = True
+        use_h0[active[retry]] = False
+        done[active[failed & fresh]] = True
 
         mv = moved.nonzero().squeeze(1)
         if mv.numel():
@@ -217,7 +220,16 @@ def minimize(
             decrease = fa[mv] - f_new[mv]
             x[ia], f[ia], g[ia] = x_new, f_new[mv], g_new[mv]
             nit[ia] += 1
-            conv = (g_new[mv].abs().amax(-1) <= gtol) | (decrease <= ftol * torch.maximum(f_new[mv].abs(), torch.ones_like(decrease)))
+            gmax = g_new[mv].abs().amax(-1)
+            # a step that barely lowers f: at the floating-point floor if the gradient is small,
+            # otherwise a poor direction -- forget history and h0 and go on (stop if already fresh)
+            stall = decrease <= ftol * torch.maximum(f_new[mv].abs(), torch.ones_like(decrease))
+            conv = (gmax <= gtol) | (stall & (gmax <= 1e3 * gtol))
             success[ia[conv]] = True
             done[ia[conv]] = True
+            stuck = stall & ~conv
+            if stuck.any():
+                done[ia[stuck & fresh[mv]]] = True
+                valid[ia[stuck]] = False
+                use_h0[ia[stuck]] = False
     return MinimizeResult(x=x, fun=f, grad=g, nit=nit, success=success, nfev=nfev)

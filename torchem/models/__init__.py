@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import rl
+from . import bayes, rl, twostep
 
-__all__ = ["rl", "MODELS", "get_model"]
+__all__ = ["rl", "twostep", "bayes", "MODELS", "get_model"]
 
 #: Library models by name.
 MODELS: dict[str, Callable] = {
     "rw1a1b": rl.rw1a1b_fit,
     "rw2a1b": rl.rw2a1b_fit,
+    "rw3a1b": rl.rw3a1b_fit,
+    "rw4a1b": rl.rw4a1b_fit,
+    "hybrid_mbmf": twostep.hybrid_mbmf_fit,
+    "model_based": twostep.model_based_fit,
+    "sarsa_lambda": twostep.sarsa_lambda_fit,
+    "bayes": bayes.bayes_fit,
 }
 
 
