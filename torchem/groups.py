@@ -60,6 +60,15 @@ class GaussianGroup:
         logdet = 2.0 * chol.diagonal().log().sum()
         return 0.5 * (z * z).sum(-1) + 0.5 * logdet + 0.5 * P * math.log(2 * math.pi)
 
+    @property
+    def precision(self) -> torch.Tensor:
+        """``(P, P)`` inverse covariance."""
+        return torch.cholesky_inverse(torch.linalg.cholesky(self.cov))
+
+    def grad_neg_log_prior(self, x: torch.Tensor) -> torch.Tensor:
+        """``(S, P)`` gradient of :meth:`neg_log_prior` at ``x`` ``(S, P)``: ``Sigma^-1 (x - mu)``."""
+        return (x - self.mu) @ self.precision
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(n, P)`` draws; the random stream comes from ``generator`` on the CPU."""
         P = self.mu.shape[0]

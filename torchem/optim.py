@@ -98,6 +98,8 @@ def minimize(
     max_ls: int = 30,
     c1: float = 1e-4,
     h0: torch.Tensor | None = None,
+    f0: torch.Tensor | None = None,
+    g0: torch.Tensor | None = None,
 ) -> MinimizeResult:
     """Minimize ``S`` independent problems at once with L-BFGS.
 
@@ -131,6 +133,9 @@ def minimize(
         ``(S, P, P)`` positive definite initial inverse-Hessian estimates (for
         example the exact inverse Hessians at a nearby earlier solution); the
         first step is then a full quasi-Newton step.  Default: scaled identity.
+    f0, g0 : Tensor, optional
+        ``(S,)`` values and ``(S, P)`` gradients at ``x0`` when the caller
+        already knows them; the initial evaluation is skipped.
 
     Returns
     -------
@@ -141,8 +146,11 @@ def minimize(
     dev, dt = x0.device, x0.dtype
     all_idx = torch.arange(S, device=dev)
     x = x0.detach().clone()
-    f, g = value_and_grad(fun, x, all_idx)
-    nfev = 1
+    if f0 is not None and g0 is not None:
+        f, g, nfev = f0.detach().clone(), g0.detach().clone(), 0
+    else:
+        f, g = value_and_grad(fun, x, all_idx)
+        nfev = 1
     m = history_size
     s_hist = torch.zeros(S, m, P, device=dev, dtype=dt)
     y_hist = torch.zeros(S, m, P, device=dev, dtype=dt)
