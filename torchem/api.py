@@ -239,11 +239,12 @@ class EMModel:
         return out + (_numpy(se),) if return_se else out
 
     def integrated_log_likelihood(self, nsamples: int = 2000, seed: int | None = 0,
-                                  max_elements: int = 20_000_000) -> torch.Tensor:
+                                  max_elements: int | None = None) -> torch.Tensor:
         """``(S,)`` Monte Carlo ``log E_group[p(D_i | theta)]`` with ``nsamples`` draws per subject.
 
         All draws of all subjects are evaluated as batched likelihood calls,
-        chunked to about ``max_elements`` trial cells each.
+        chunked to about ``max_elements`` trial cells each (default: a size
+        that stays in cache on a CPU and fills a GPU).
         """
         res = self._fitted()
         grp = GaussianGroup(res.posterior_mu, res.posterior_cov)
@@ -251,7 +252,7 @@ class EMModel:
         gen.manual_seed(0 if seed is None else int(seed))
         data, mask = self.batch.data, self.batch.mask
         cells = max(1, int(mask[0].numel()))
-        chunk = max(1, max_elements // cells)
+        chunk = pairs_per_call(cells, self.device) if max_elements is None else max(1, max_elements // cells)
 
         def nll_fn(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return self.model.nll(theta, tuple(d[idx] for d in data), mask[idx])
@@ -260,7 +261,7 @@ class EMModel:
                                                   nsamples, chunk)
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
-                               max_elements: int = 20_000_000) -> float:
+                               max_elements: int | None = None) -> float:
         """Integrated BIC (lower is better).
 
         Parameters
