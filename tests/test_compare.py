@@ -11,7 +11,7 @@ import pytest
 
 from torchem import EMModel, ModelComparison
 from torchem.evidence import _betainc, bms, exceedance_probabilities
-from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate, rw2a1b_fit, rw2a1b_simulate
+from torchem.models.rl import rw1a1b_fit, rw2a1b_fit, rw2a1b_simulate
 from torchem.transforms import norm2alpha, norm2beta
 
 scipy_special = pytest.importorskip("scipy.special")

@@ -74,7 +74,6 @@ def test_chi2_draws_have_the_right_moments():
 
 def test_importance_moments_of_a_gaussian_posterior_are_exact():
     """For a Gaussian target the weights recover its mean, covariance and normalizing constant."""
-    S, P = 3, 2
     mean = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
     cov = torch.tensor([[[1.0, 0.3], [0.3, 0.5]], [[0.2, 0.0], [0.0, 2.0]], [[1.5, -0.4], [-0.4, 0.6]]],
                        dtype=torch.float64)

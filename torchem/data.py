@@ -18,7 +18,7 @@ are the same for every subject (e.g. ``(T, K)`` regressors).  After padding:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd

@@ -12,7 +12,6 @@ Names follow pyEM: ``norm2alpha``/``alpha2norm`` (logistic to (0, 1)),
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, TypeVar, Union
 
 import numpy as np

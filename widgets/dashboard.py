@@ -12,7 +12,7 @@ import html
 import threading
 import time
 import traceback
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import ipywidgets as W
 import numpy as np

@@ -539,7 +539,7 @@ def rw4a1b_fit(params: torch.Tensor, choices: torch.Tensor, outcomes_self: torch
     oh_c = F.one_hot(c, 4).to(dtype)  # (N, T, 4)
     oh_o = F.one_hot(other, 4).to(dtype)
     upd = (oh_c * mf[..., None]).unbind(1)
-    oh_c_t, oh_o_t = oh_c.unbind(1), oh_o.unbind(1)
+    oh_c_t = oh_c.unbind(1)
     os_t, oo_t = os_.unbind(1), oo.unbind(1)
     b = beta.repeat_interleave(n_blocks)
     sp, sn, op, on = alphas.repeat_interleave(n_blocks, 0).unbind(1)
