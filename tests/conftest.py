@@ -66,6 +66,19 @@ def ragged_bandit_data(seed: int = 0, blocks=(2, 3, 4, 4, 3, 2), ntrials: int = 
     return [[sim["choices"][i, :nb], sim["rewards"][i, :nb]] for i, nb in enumerate(blocks)]
 
 
+def assert_hessian_matches_fd(fit, batch: SubjectBatch, x: torch.Tensor, H: torch.Tensor,
+                               eps: float = 1e-5) -> None:
+    """``H`` ``(S, P, P)`` equals central finite differences of the autograd gradient of ``fit`` at ``x``."""
+    def grad(z):
+        z = z.clone().requires_grad_(True)
+        return torch.autograd.grad(fit(z, *batch.data, mask=batch.mask).sum(), z)[0]
+
+    for j in range(x.shape[1]):
+        e = torch.zeros_like(x)
+        e[:, j] = eps
+        torch.testing.assert_close(H[:, :, j], (grad(x + e) - grad(x - e)) / (2 * eps), rtol=1e-4, atol=1e-5)
+
+
 def lists_to_dataframe(all_data, subject_ids=None) -> pd.DataFrame:
     """Long DataFrame (subject, block, trial, choice, reward) from ``[[choices (B, T), rewards (B, T)], ...]``."""
     rows = []

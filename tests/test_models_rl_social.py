@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import assert_hessian_matches_fd
 from torchem import EMModel, SubjectBatch
 from torchem.curvature import batched_hessian
 from torchem.models import MODELS
@@ -123,16 +124,7 @@ def test_padding_is_ignored_and_torch_func_works(fit, make):
     H0 = batched_hessian(lambda z: fit(z, *batch.data, mask=batch.mask), x)
     assert torch.isfinite(H).all()
     torch.testing.assert_close(H, H0, rtol=1e-9, atol=1e-9)
-    # the exact Hessian agrees with finite differences of the gradient
-    def grad(z):
-        z = z.clone().requires_grad_(True)
-        return torch.autograd.grad(fit(z, *batch.data, mask=batch.mask).sum(), z)[0]
-    eps = 1e-5
-    for j in range(P):
-        e = torch.zeros_like(x)
-        e[:, j] = eps
-        fd = (grad(x + e) - grad(x - e)) / (2 * eps)
-        torch.testing.assert_close(H0[:, :, j], fd, rtol=1e-4, atol=1e-5)
+    assert_hessian_matches_fd(fit, batch, x, H0)  # the exact Hessian agrees with finite differences
 
 
 @pytest.mark.parametrize("fit,sim,P,nb,nt", [(rw3a1b_fit, rw3a1b_simulate, 4, 3, 10),

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import assert_hessian_matches_fd
 from torchem import EMModel, ModelComparison, SubjectBatch
 from torchem.curvature import batched_hessian
 from torchem.models import MODELS
@@ -123,16 +124,7 @@ def test_padding_is_ignored_and_hessians_are_exact(name):
     torch.testing.assert_close(fit(x, *dirty, mask=batch.mask), clean, rtol=0, atol=1e-12)
     H = batched_hessian(lambda z: fit(z, *dirty, mask=batch.mask), x)
     assert torch.isfinite(H).all()
-
-    def grad(z):
-        z = z.clone().requires_grad_(True)
-        return torch.autograd.grad(fit(z, *batch.data, mask=batch.mask).sum(), z)[0]
-
-    eps = 1e-5
-    for j in range(P):
-        e = torch.zeros_like(x)
-        e[:, j] = eps
-        torch.testing.assert_close(H[:, :, j], (grad(x + e) - grad(x - e)) / (2 * eps), rtol=1e-4, atol=1e-5)
+    assert_hessian_matches_fd(fit, batch, x, H)
 
 
 @pytest.mark.parametrize("name", list(FITS))
