@@ -382,9 +382,8 @@ def run_em(
                 batched_hessian(lambda z, lo=lo: fun(z, all_idx[lo:lo + hessian_chunk]), x[lo:lo + hessian_chunk])
                 for lo in range(0, S, hessian_chunk)
             ])
-            prec = grp.precision
             nlprior = grp.neg_log_prior(x)
-            lik_parts = (npl - nlprior, grad - grp.grad_neg_log_prior(x), H - prec)  # prior-free: reused next time
+            lik_parts = (npl - nlprior, grad - grp.grad_neg_log_prior(x), H - grp.precision)  # prior-free: reused next time
             H, capped = cap_posterior_width(H, grp.cov, laplace_cap)
             inv_h, logdet, ok_h = invert_pd(H, grp.cov)
             total = float(npl.sum())

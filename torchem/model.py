@@ -25,11 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .transforms import identity
 
-__all__ = ["Model", "model_spec", "check_categorical"]
+__all__ = ["Model", "model_spec", "check_categorical", "natural_params"]
 
 
 def model_spec(
@@ -64,6 +65,15 @@ def model_spec(
         return fn
 
     return wrap
+
+
+def natural_params(params, names: Sequence[str]) -> np.ndarray:
+    """``params`` as a float ``(S, P)`` array for a simulator, or a ``ValueError`` naming the ``P`` parameters."""
+    params = np.asarray(params, dtype=float)
+    if params.ndim != 2 or params.shape[1] != len(names):
+        raise ValueError(f"params must be (subjects, {len(names)}) natural values [{', '.join(names)}], "
+                         f"got shape {params.shape}")
+    return params
 
 
 def check_categorical(batch, field_index: int, n_options: int) -> None:

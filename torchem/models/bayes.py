@@ -38,7 +38,7 @@ import math
 import numpy as np
 import torch
 
-from ..model import check_categorical, model_spec
+from ..model import check_categorical, model_spec, natural_params
 from ..transforms import norm2alpha
 
 __all__ = ["bayes_fit", "bayes_simulate", "N_PONDS"]
@@ -128,9 +128,7 @@ def bayes_simulate(params: np.ndarray, nblocks: int = 10, ntrials: int = 15, pon
         int, ``ponds`` ``(S, B, T)`` (the true pond), ``posterior``
         ``(S, B, T+1, 3)``, ``ch_prob`` ``(S, B, T, 3)``.
     """
-    params = np.asarray(params, dtype=float)
-    if params.ndim != 2 or params.shape[1] != 1:
-        raise ValueError(f"params must be (subjects, 1) natural lambda1, got shape {params.shape}")
+    params = natural_params(params, bayes_fit.param_names)
     S = params.shape[0]
     rng = np.random.default_rng(seed)
     lam = params[:, 0]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import check_categorical, model_spec
+from ..model import check_categorical, model_spec, natural_params
 from ..transforms import norm2alpha, norm2beta
 
 __all__ = ["rw1a1b_fit", "rw1a1b_simulate", "rw2a1b_fit", "rw2a1b_simulate", "rw3a1b_fit", "rw3a1b_simulate",
@@ -159,9 +159,7 @@ def rw2a1b_fit(params: torch.Tensor, choices: torch.Tensor, rewards: torch.Tenso
 def _simulate_bandit(params: np.ndarray, n_lr: int, nblocks: int, ntrials: int,
                      reward_probs: Sequence[float] | np.ndarray, outcomes: np.ndarray | None,
                      seed: int | None) -> dict:
-    params = np.asarray(params, dtype=float)
-    if params.ndim != 2 or params.shape[1] != 1 + n_lr:
-        raise ValueError(f"params must be (subjects, {1 + n_lr}) natural values, got shape {params.shape}")
+    params = natural_params(params, (rw1a1b_fit if n_lr == 1 else rw2a1b_fit).param_names)
     S = params.shape[0]
     rng = np.random.default_rng(seed)
     beta = params[:, 0]
@@ -404,9 +402,7 @@ def rw3a1b_simulate(params: np.ndarray, nblocks: int = 9, ntrials: int = 16,
         ``PE_self``, ``PE_other``, ``PE_noone`` ``(S, B, T)``, ``ch_prob``
         ``(S, B, T, 2)``.
     """
-    params = np.asarray(params, dtype=float)
-    if params.ndim != 2 or params.shape[1] != 4:
-        raise ValueError(f"params must be (subjects, 4) natural values, got shape {params.shape}")
+    params = natural_params(params, rw3a1b_fit.param_names)
     S = params.shape[0]
     rng = np.random.default_rng(seed)
     beta, a = params[:, 0], params[:, 1:4]
@@ -612,9 +608,7 @@ def rw4a1b_simulate(params: np.ndarray, nblocks: int = 12, ntrials: int = 20,
         ``EV`` ``(S, B, T+1, 4)``, ``PE_self``, ``PE_other`` ``(S, B, T)``,
         ``ch_prob`` ``(S, B, T, 4)``.
     """
-    params = np.asarray(params, dtype=float)
-    if params.ndim != 2 or params.shape[1] != 5:
-        raise ValueError(f"params must be (subjects, 5) natural values, got shape {params.shape}")
+    params = natural_params(params, rw4a1b_fit.param_names)
     S = params.shape[0]
     rng = np.random.default_rng(seed)
     beta = params[:, 0]

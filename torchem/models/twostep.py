@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import check_categorical, model_spec
+from ..model import check_categorical, model_spec, natural_params
 from ..transforms import identity, norm2alpha, norm2exp
 
 __all__ = ["hybrid_mbmf_fit", "hybrid_mbmf_simulate", "model_based_fit", "model_based_simulate",
@@ -366,14 +366,6 @@ def _simulate(b1, b2, a1, a2, lam, om, rep, ntrials, reward_probs, seed) -> dict
     return {**out, "rewards": rewards, "ch_prob1": ch1, "ch_prob2": ch2, "reward_probs": np.array(probs)}
 
 
-def _check_params(params, n, names):
-    params = np.asarray(params, dtype=float)
-    if params.ndim != 2 or params.shape[1] != n:
-        raise ValueError(f"params must be (subjects, {n}) natural values [{', '.join(names)}], "
-                         f"got shape {params.shape}")
-    return params
-
-
 _SIM_DOC = """ntrials : int
         Trials per subject (default 200), one session ``(S, T)``.
     reward_probs : ndarray, optional
@@ -401,7 +393,7 @@ def hybrid_mbmf_simulate(params: np.ndarray, ntrials: int = 200, reward_probs: n
         ``(S, 7)`` *natural* ``[beta1, beta2, alpha1, alpha2, lambda, omega, rep]``.
     {sim}
     """
-    p = _check_params(params, 7, hybrid_mbmf_fit.param_names)
+    p = natural_params(params, hybrid_mbmf_fit.param_names)
     return {"params": p.copy(), **_simulate(*p.T, ntrials, reward_probs, seed)}
 
 
@@ -415,7 +407,7 @@ def model_based_simulate(params: np.ndarray, ntrials: int = 200, reward_probs: n
         ``(S, 4)`` *natural* ``[beta1, beta2, alpha2, rep]``.
     {sim}
     """
-    p = _check_params(params, 4, model_based_fit.param_names)
+    p = natural_params(params, model_based_fit.param_names)
     z = np.zeros(len(p))
     return {"params": p.copy(), **_simulate(p[:, 0], p[:, 1], z, p[:, 2], z, 1.0, p[:, 3], ntrials,
                                             reward_probs, seed)}
@@ -431,7 +423,7 @@ def sarsa_lambda_simulate(params: np.ndarray, ntrials: int = 200, reward_probs: 
         ``(S, 6)`` *natural* ``[beta1, beta2, alpha1, alpha2, lambda, rep]``.
     {sim}
     """
-    p = _check_params(params, 6, sarsa_lambda_fit.param_names)
+    p = natural_params(params, sarsa_lambda_fit.param_names)
     return {"params": p.copy(), **_simulate(p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4], 0.0, p[:, 5], ntrials,
                                             reward_probs, seed)}
 
