@@ -203,8 +203,11 @@ def _estep(fun: Callable, x0: torch.Tensor, warm: dict, group: GaussianGroup,
     """
     res = minimize(fun, x0, **warm, **optim_kwargs)
     x, f, g, ok = res.x, res.fun, res.grad, res.success
+    # a subject stalled on a kink of a non-smooth likelihood sits at a local minimum already:
+    # restarts from elsewhere end on the same kink, so only the other failures are retried
+    retry = ~ok & ~res.stalled
     for _ in range(max_restarts):
-        failed = (~ok).nonzero().squeeze(1)
+        failed = retry.nonzero().squeeze(1)
         if failed.numel() == 0:
             break
         starts = group.sample(failed.numel(), generator)
@@ -214,6 +217,7 @@ def _estep(fun: Callable, x0: torch.Tensor, warm: dict, group: GaussianGroup,
         take = failed[better]
         x[take], f[take], g[take] = sub.x[better], sub.fun[better], sub.grad[better]
         ok[take] = sub.success[better]
+        retry[failed] = ~sub.success & ~sub.stalled & ~ok[failed]
     return x, f, g, ok
 
 

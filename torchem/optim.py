@@ -40,6 +40,11 @@ class MinimizeResult:
         ``(S,)`` iterations taken by each problem.
     success : Tensor
         ``(S,)`` bool: the gradient (or the relative decrease) fell below tolerance.
+    stalled : Tensor
+        ``(S,)`` bool: unconverged because steps along the gradient no longer
+        lower ``f`` (none down to the step floor, or only by rounding) -- a
+        local minimum on a kink of a non-smooth objective, or a gradient
+        that disagrees with ``f``.
     nfev : int
         Batched objective evaluations (each over the problems still running).
     """
@@ -49,6 +54,7 @@ class MinimizeResult:
     grad: torch.Tensor
     nit: torch.Tensor
     success: torch.Tensor
+    stalled: torch.Tensor
     nfev: int = 0
 
 
@@ -97,6 +103,7 @@ def minimize(
     history_size: int = 10,
     max_ls: int = 30,
     c1: float = 1e-4,
+    step_floor: float = 1e-10,
     h0: torch.Tensor | None = None,
     f0: torch.Tensor | None = None,
     g0: torch.Tensor | None = None,
@@ -129,6 +136,11 @@ def minimize(
         along the gradient ends that problem, unconverged.
     c1 : float
         Armijo sufficient-decrease constant.
+    step_floor : float
+        A line search also gives up once the trial move ``max |t d|`` is at
+        most ``step_floor * (1 + max |x|)``: no smaller step can lower ``f``
+        by more than rounding (typically the minimum sits on a kink of a
+        non-smooth objective, such as a ``max`` in the model).
     h0 : Tensor, optional
         ``(S, P, P)`` positive definite initial inverse-Hessian estimates (for
         example the exact inverse Hessians at a nearby earlier solution); the
@@ -140,7 +152,7 @@ def minimize(
     Returns
     -------
     MinimizeResult
-        Per-problem ``x``, ``fun``, ``grad``, ``nit`` and ``success``.
+        Per-problem ``x``, ``fun``, ``grad``, ``nit``, ``success`` and ``stalled``.
     """
     S, P = x0.shape
     dev, dt = x0.device, x0.dtype
@@ -161,6 +173,7 @@ def minimize(
     finite = torch.isfinite(f) & torch.isfinite(g).all(-1)
     success = finite & (g.abs().amax(-1) <= gtol)
     done = success | ~finite  # a non-finite start cannot be improved upon here
+    stalled = torch.zeros_like(done)
 
     for _ in range(max_iter):
         active = (~done).nonzero().squeeze(1)
@@ -183,6 +196,7 @@ def minimize(
 
         # ----- batched backtracking line search
         pending = torch.ones_like(fa, dtype=torch.bool)
+        gave_up = torch.zeros_like(pending)
         f_new, g_new = fa.clone(), ga.clone()
         for _ls in range(max_ls):
             pi = pending.nonzero().squeeze(1)
@@ -202,14 +216,19 @@ def minimize(
             t_q = -gd[rej] * tr * tr / denom
             t_q = torch.where(torch.isfinite(t_q) & (denom > 0), t_q, 0.1 * tr)
             t[rej] = torch.minimum(torch.maximum(t_q, 0.1 * tr), 0.5 * tr)
-        moved = ~pending
+            # a step below the floating-point resolution of x cannot lower f: give up on it now
+            tiny = t[rej] * d[rej].abs().amax(-1) <= step_floor * (1.0 + xa[rej].abs().amax(-1))
+            pending[rej[tiny]] = False
+            gave_up[rej[tiny]] = True
+        moved = ~pending & ~gave_up
         # line-search failures: retry along the gradient once, else stop unconverged
-        failed = pending
+        failed = pending | gave_up
         fresh = ~valid[active].any(-1) & ~use_h0[active]  # the direction was already the raw gradient
         retry = failed & ~fresh
         valid[active[retry]] = False
         use_h0[active[retry]] = False
         done[active[failed & fresh]] = True
+        stalled[active[failed & fresh]] = True
 
         mv = moved.nonzero().squeeze(1)
         if mv.numel():
@@ -238,6 +257,7 @@ def minimize(
             stuck = stall & ~conv
             if stuck.any():
                 done[ia[stuck & fresh[mv]]] = True
+                stalled[ia[stuck & fresh[mv]]] = True
                 valid[ia[stuck]] = False
                 use_h0[ia[stuck]] = False
-    return MinimizeResult(x=x, fun=f, grad=g, nit=nit, success=success, nfev=nfev)
+    return MinimizeResult(x=x, fun=f, grad=g, nit=nit, success=success, stalled=stalled, nfev=nfev)

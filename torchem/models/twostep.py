@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from ..model import check_categorical, model_spec, natural_params
 from ..transforms import identity, norm2alpha, norm2exp
+from .recurrence import linear_scan
 
 __all__ = ["hybrid_mbmf_fit", "hybrid_mbmf_simulate", "model_based_fit", "model_based_simulate",
            "sarsa_lambda_fit", "sarsa_lambda_simulate", "reward_walks", "P_COMMON"]
@@ -106,10 +107,11 @@ def _twostep(beta1, beta2, alpha1, alpha2, lam, omega, rep, choices1, states2, c
     """The shared likelihood.  Natural parameters are ``(S,)`` tensors; ``omega`` is a tensor or the
     float 1.0 (model-based: ``alpha1``/``lam`` are ``None``) or 0.0 (model-free).
 
-    Given the data, the value updates are linear in the values, so the recursion over trials runs on
-    one vector ``z = [Q_MF(0), Q_MF(1), Q2(0,0), Q2(0,1), Q2(1,0), Q2(1,1)]`` per subject and block
-    with two batched matrix products per trial; the choice rule (with its ``max``) is evaluated for
-    all trials at once afterwards.
+    Given the data, every value follows a linear recurrence over the trials that visit it, so the
+    values ``z = [Q_MF(0), Q_MF(1), Q2(0,0), Q2(0,1), Q2(1,0), Q2(1,1)]`` before every trial come from
+    two scans (:func:`~torchem.models.recurrence.linear_scan`: second stage first, then the first
+    stage, whose target involves the second-stage values); the choice rule (with its ``max``) is
+    evaluated for all trials at once afterwards.
     """
     if mask is None:
         mask = torch.ones(choices1.shape, dtype=torch.bool, device=choices1.device)
@@ -132,30 +134,21 @@ def _twostep(beta1, beta2, alpha1, alpha2, lam, omega, rep, choices1, states2, c
         return x.repeat_interleave(nb) if isinstance(x, torch.Tensor) else x
 
     b1, b2, a2, om, rp = (per_block(x) for x in (beta1, beta2, alpha2, omega, rep))
-    zero = torch.zeros_like(b1)
-    a1 = zero if alpha1 is None else per_block(alpha1)
-    lm = zero if lam is None else per_block(lam)
-    # update u = [u_MF, u_2] = z K_t + b_t with
-    #   u_MF = alpha1 (Q2(s,a2) - Q_MF(a1)) + lambda alpha1 (r - Q2(s,a2)),  u_2 = alpha2 (r - Q2(s,a2)),
-    # then z += u_MF h_t + u_2 g_t (masked): z_{t+1} = z_t A_t + c_t with A_t = I + K_t W_t, c_t = b_t W_t,
-    # built for every trial at once
-    #   A_t = I + m_t (alpha1 (1 - lambda) g h^T - alpha2 g g^T - alpha1 h h^T),
-    #   c_t = m_t r_t (alpha1 lambda h + alpha2 g)
-    # (trials first, so that every trial's slice is contiguous)
-    gT, hT, mT, rT = g.transpose(0, 1), h.transpose(0, 1), mf.t()[..., None], r.t()[..., None]
-    gm, hm = gT * mT, hT * mT  # (T, N, 6)
-    A = torch.eye(6, dtype=dtype, device=dev) \
-        + (a1 * (1.0 - lm))[:, None, None] * (gT[..., :, None] * hm[..., None, :]) \
-        - a2[:, None, None] * (gT[..., :, None] * gm[..., None, :]) \
-        - a1[:, None, None] * (hT[..., :, None] * hm[..., None, :])
-    A = A.unbind(0)  # T x (N, 6, 6)
-    c = ((a1 * lm)[:, None] * (hm * rT) + a2[:, None] * (gm * rT)).unbind(0)  # T x (N, 6)
-    z = torch.zeros(N, 6, dtype=dtype, device=dev)
-    zs = []
-    for t in range(T):
-        zs.append(z)
-        z = (z[:, :, None] * A[t]).sum(1) + c[t]
-    Z = torch.stack(zs, 1)  # (N, T, 6): values before each trial's choice
+    a1 = None if alpha1 is None else per_block(alpha1)
+    lm = None if lam is None else per_block(lam)
+    # Q2(s, a) moves only on the trials that visit (s, a): Q2 <- (1 - alpha2) Q2 + alpha2 r.  Given those
+    # values, Q_MF(a1) <- (1 - alpha1) Q_MF(a1) + alpha1 ((1 - lambda) Q2(s, a2) + lambda r).  Both are
+    # linear recurrences y_t = a_t y_{t-1} + b_t per value, solved for all trials at once by a scan.
+    v2 = (g[..., 2:] * mf[..., None]).transpose(1, 2)  # (N, 4, T): trial t visits (s, a)
+    q2 = linear_scan(1.0 - a2[:, None, None] * v2, (a2[:, None] * r)[:, None, :] * v2)  # (N, 4, T)
+    if alpha1 is None:  # model-based: the model-free values never enter
+        q_mf = torch.zeros_like(q2[:, :2])
+    else:
+        q2c = (q2 * g[..., 2:].transpose(1, 2)).sum(1)  # Q2(s_t, a2_t) before trial t
+        target = (1.0 - lm)[:, None] * q2c + lm[:, None] * r
+        v1 = (h[..., :2] * mf[..., None]).transpose(1, 2)  # (N, 2, T)
+        q_mf = linear_scan(1.0 - a1[:, None, None] * v1, (a1[:, None] * target)[:, None, :] * v1)
+    Z = torch.cat([q_mf, q2], 1).transpose(1, 2)  # (N, T, 6): values before each trial's choice
     # choice rule for all trials at once, from four linear features of the values:
     # Q_MF(1) - Q_MF(0); max(a, b) = (a + b) / 2 + |a - b| / 2 gives the best value of each state
     feats = (Z @ _FEATURES.to(dtype=dtype, device=dev)).unbind(-1)
