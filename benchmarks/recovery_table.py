@@ -11,14 +11,14 @@ the model's transforms, simulated with the model's default task design,
 and fitted with ``EMModel.recover``.  r is Pearson's correlation between the
 generating and the estimated natural-space parameters.
 
-Group distributions (normalized space, independent normals):
-
-* bandit and social-learning models (rw1a1b, rw2a1b, rw3a1b, rw4a1b): every
-  parameter N(0, 1) (beta = norm2beta: median 10, 80% within 4.4-15.6);
-* two-step models: log beta1 ~ N(log 5, 0.5), log beta2 ~ N(log 4, 0.5),
-  logit alpha1, alpha2, lambda, omega ~ N(0, 1), rep ~ N(0.2, 0.3) (natural),
-  close to the estimates of Daw et al. (2011);
-* bayes: logit lambda1 ~ N(0.5, 1).
+Group distributions (normalized space, independent normals): ``GROUPS``
+below, N(0, 1) for every parameter it does not list.  Highlights: bandit
+and social-learning models N(0, 1) throughout (beta = norm2beta: median 10);
+two-step log beta1 ~ N(log 5, 0.5), log beta2 ~ N(log 4, 0.5), rep ~ N(0.2,
+0.3), close to Daw et al. (2011); regression weights N(0, 1) with noise SD
+about 1; discounting rates centred where the default payout ladders put the
+switch points (e.g. hyperbolic k around 0.05 per unit of social distance or
+delay).
 
 Every fit runs EM to convergence (``--maxit`` caps it; the table marks a
 fit that hit the cap).
@@ -41,31 +41,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchem import EMModel  # noqa: E402
 from torchem.models import MODELS  # noqa: E402
 
-#: name -> (design kwargs for the simulator, normalized mean, normalized sd, description)
-TWOSTEP_MU = {"beta1": np.log(5.0), "beta2": np.log(4.0), "rep": 0.2}
-TWOSTEP_SD = {"beta1": 0.5, "beta2": 0.5, "rep": 0.3}
+TWOSTEP = ("hybrid_mbmf", "model_based", "sarsa_lambda")
+#: name -> (simulator design kwargs, description)
 DESIGNS = {
     "rw1a1b": ({"nblocks": 4, "ntrials": 24}, "4 blocks x 24 trials, reward p 0.8 / 0.2"),
     "rw2a1b": ({"nblocks": 4, "ntrials": 24}, "4 blocks x 24 trials, reward p 0.8 / 0.2"),
     "rw3a1b": ({"nblocks": 9, "ntrials": 16}, "9 blocks x 16 trials (3 per recipient), p 0.75 / 0.25"),
     "rw4a1b": ({"nblocks": 12, "ntrials": 20}, "12 blocks x 20 trials, one option pair per block"),
-    "hybrid_mbmf": ({"ntrials": 200}, "200 trials, drifting reward probabilities"),
-    "model_based": ({"ntrials": 200}, "200 trials, drifting reward probabilities"),
-    "sarsa_lambda": ({"ntrials": 200}, "200 trials, drifting reward probabilities"),
+    **{n: ({"ntrials": 200}, "200 trials, drifting reward probabilities") for n in TWOSTEP},
     "bayes": ({"nblocks": 10, "ntrials": 15}, "10 blocks x 15 fish"),
+    **{n: ({"ntrials": 100}, "100 trials, intercept + 2 N(0, 1) predictors")
+       for n in ("glm", "glm_decay", "logit", "logit_decay", "glm_ar")},
+    "sdt": ({"ntrials": 200}, "200 trials, half old"),
+    "pt": ({"ntrials": 150}, "150 gambles (1:1:3 gain, loss, mixed)"),
+    **{n: ({}, "7 distances x 9 payouts") for n in ("sd_hyp_wk", "sd_hyp_k", "sd_par_k", "sd_lin_k")},
+    "td_hyp_k": ({}, "7 delays x 9 payouts"),
+    "prd_hyp_k": ({}, "7 probabilities x 9 payouts"),
+    "ed_par_k": ({}, "7 effort levels x 9 payouts"),
+    "ped_par_k": ({}, "14 blocks (7 efforts x self/other) x 9 payouts"),
+    "ped_par_2k": ({}, "14 blocks (7 efforts x self/other) x 9 payouts"),
 }
-TWOSTEP = ("hybrid_mbmf", "model_based", "sarsa_lambda")
+
+_K = {"k": (float(np.log(0.05 / 19.95)), 1.0)}  # norm2beta: k around 0.05 (0.02-0.14)
+#: Normalized group mean and SD of the generating parameters, where not N(0, 1).
+GROUPS = {
+    **{n: {"beta1": (np.log(5.0), 0.5), "beta2": (np.log(4.0), 0.5), "rep": (0.2, 0.3)} for n in TWOSTEP},
+    "bayes": {"lambda1": (0.5, 1.0)},
+    "glm": {"sigma": (0.0, 0.3)},
+    "glm_decay": {"sigma": (0.0, 0.3)},
+    "glm_ar": {"phi": (0.0, 0.8), "sigma": (0.0, 0.3)},
+    "sdt": {"dprime": (np.log(1.5), 0.4), "criterion": (0.0, 0.5)},
+    "pt": {"alpha": (1.4, 0.5), "beta": (1.4, 0.5), "lambda": (float(np.log(2.0 / 18.0)), 0.4),
+           "gamma": (0.85, 0.5), "mu": (float(np.log(0.3 / 19.7)), 0.5)},
+    "sd_hyp_wk": {"w_other": (float(np.log(1.0 / 19.0)), 0.5), **_K},
+    "sd_hyp_k": _K,
+    "sd_par_k": {"k": (float(np.log(0.002 / 19.998)), 1.0)},  # k N^2, N up to 100
+    "sd_lin_k": {"k": (float(np.log(0.5 / 19.5)), 1.0)},  # k N
+    "td_hyp_k": _K,
+    "prd_hyp_k": {"k": (float(np.log(1.0 / 19.0)), 1.0)},  # odds against, 0.05-19
+    "ed_par_k": {"k": (float(np.log(2.0 / 18.0)), 0.8)},  # k E^2, E 1-7
+    "ped_par_k": {"k": (float(np.log(2.0 / 18.0)), 0.8)},
+    "ped_par_2k": {"k_self": (float(np.log(2.0 / 18.0)), 0.8), "k_other": (float(np.log(3.0 / 17.0)), 0.8)},
+}
 
 
 def group_distribution(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Normalized mean and SD of the generating parameters of model ``name``."""
     names = MODELS[name].param_names
-    mu, sd = np.zeros(len(names)), np.ones(len(names))
-    for j, p in enumerate(names):
-        if name in TWOSTEP and p in TWOSTEP_MU:
-            mu[j], sd[j] = TWOSTEP_MU[p], TWOSTEP_SD[p]
-        if name == "bayes":
-            mu[j] = 0.5
+    spec = GROUPS.get(name, {})
+    mu = np.array([spec.get(p, (0.0, 1.0))[0] for p in names], dtype=float)
+    sd = np.array([spec.get(p, (0.0, 1.0))[1] for p in names], dtype=float)
     return mu, sd
 
 
@@ -77,10 +102,14 @@ def draw_params(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return torch.stack([t(x[:, j]) for j, t in enumerate(fit.param_xform)], -1).numpy()
 
 
-def template(fit) -> list:
-    """A one-subject data set with the model's fields (recover simulates its own data)."""
-    return [[np.array([0, 1]) for _ in fit.inputs[:-2]] + [np.array([0, 0]), np.array([1, 1])]] \
-        if fit.inputs[-1] == "option_right" else [[np.array([0, 1]) for _ in fit.inputs]]
+def template(name: str) -> list:
+    """A one-subject data set of model ``name`` (its default design), to build the ``EMModel`` from."""
+    fit = MODELS[name]
+    mu, _ = group_distribution(name)
+    x = torch.as_tensor(mu)
+    natural = torch.stack([t(x[j]) for j, t in enumerate(fit.param_xform)]).numpy()[None]
+    sim = fit.simulate(natural, seed=0, **DESIGNS[name][0])
+    return [[sim[k][0] for k in fit.inputs]]
 
 
 def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
@@ -89,7 +118,7 @@ def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
     true = draw_params(name, nsubjects, rng)
     design, text = DESIGNS[name]
     fit_kwargs = {"mstep_maxit": maxit}
-    model = EMModel(template(fit), fit, device="cpu")
+    model = EMModel(template(name), fit, device="cpu")
     t0 = time.perf_counter()
     rec = model.recover(true, seed=seed + 1, fit_kwargs=fit_kwargs, **design)
     seconds = time.perf_counter() - t0

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 def test_recover_and_identify_run_for_every_library_model(name):
     fit = MODELS[name]
     design = DESIGNS[name][0]
-    model = EMModel(template(fit), fit, device="cpu")
+    model = EMModel(template(name), fit, device="cpu")
     true = draw_params(name, 8, np.random.default_rng(0))
     rec = model.recover(true, seed=1, fit_kwargs={"mstep_maxit": 2}, **design)
     assert rec["estimated_params"].shape == true.shape

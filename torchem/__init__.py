@@ -10,7 +10,8 @@ from .data import SubjectBatch
 from .em import FitResult, IterationState, run_em
 from .model import Model, model_spec
 from .optim import minimize
-from .transforms import alpha2norm, beta2norm, exp2norm, identity, norm2alpha, norm2beta, norm2exp
+from .transforms import (alpha2norm, beta2norm, corr2norm, exp2norm, identity, norm2alpha, norm2beta, norm2corr,
+                         norm2exp)
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,7 @@ __all__ = [
     "beta2norm",
     "norm2exp",
     "exp2norm",
+    "norm2corr",
+    "corr2norm",
     "identity",
 ]

@@ -87,7 +87,6 @@ class EMModel:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        self.model = Model.resolve(fit_func, param_names, param_xform, simulate_func, per_subject)
         self.device = resolve_device(device)
         self.dtype = dtype
         if isinstance(all_data, SubjectBatch):
@@ -95,8 +94,9 @@ class EMModel:
         elif isinstance(all_data, pd.DataFrame):
             batch = SubjectBatch.from_dataframe(all_data, subject=subject, columns=columns, block=block, trial=trial)
         else:
-            batch = SubjectBatch.from_lists(all_data, names=input_names or self.model.inputs)
+            batch = SubjectBatch.from_lists(all_data, names=input_names or getattr(fit_func, "inputs", None))
         self.batch = batch.to(self.device, dtype)
+        self.model = Model.resolve(fit_func, param_names, param_xform, simulate_func, per_subject, self.batch)
         self.model.check_data(self.batch)
         self.result: FitResult | None = None
 

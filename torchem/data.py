@@ -213,9 +213,12 @@ class SubjectBatch:
             Long-format data.
         subject : str
             Column identifying the subject.  Subjects appear in sorted order.
-        columns : sequence of str
+        columns : sequence of str or of lists of str
             Data columns, in the order the model takes them (e.g.
-            ``["choice", "reward"]``).
+            ``["choice", "reward"]``).  An entry that is itself a list of
+            columns becomes one field with a trailing axis, the columns
+            stacked in that order (e.g. the predictors of a regression:
+            ``[["x0", "x1", "x2"], "y"]`` gives ``X`` ``(S, T, 3)`` and ``Y``).
         block : str, optional
             Block column.  With it, each field is ``(S, B, T)``: blocks of a
             subject in sorted order, trials within a block padded to the
@@ -237,7 +240,9 @@ class SubjectBatch:
             raise ValueError("columns must name the data columns, e.g. columns=['choice', 'reward']")
         if isinstance(columns, str):
             columns = [c.strip() for c in columns.split(",")]
-        wanted = [subject, *columns] + [c for c in (block, trial) if c is not None]
+        columns = [c if isinstance(c, str) else list(c) for c in columns]
+        used = [c for entry in columns for c in ([entry] if isinstance(entry, str) else entry)]
+        wanted = [subject, *used] + [c for c in (block, trial) if c is not None]
         unknown = [c for c in wanted if c not in df.columns]
         if unknown:
             raise ValueError(f"unknown column(s) {unknown}; the data frame has {list(df.columns)}")
@@ -270,7 +275,8 @@ class SubjectBatch:
                 fields = []
                 for c in columns:
                     values = sub[c].to_numpy()
-                    arr = np.zeros((len(groups), t_max), dtype=values.dtype if values.dtype.kind != "O" else object)
+                    arr = np.zeros((len(groups), t_max, *values.shape[1:]),
+                                   dtype=values.dtype if values.dtype.kind != "O" else object)
                     if arr.dtype.kind == "O":
                         arr[:] = values[0]  # padding placeholder of a valid label
                     for b, g in enumerate(groups):
@@ -280,7 +286,8 @@ class SubjectBatch:
             per_subject.append(fields)
             masks.append(mask)
             ids.append(sid)
-        return cls._build(per_subject, masks, list(columns), ids, dtype, device)
+        names = [c if isinstance(c, str) else "[" + ", ".join(c) + "]" for c in columns]
+        return cls._build(per_subject, masks, names, ids, dtype, device)
 
     # ------------------------------------------------------------ internals
     @classmethod

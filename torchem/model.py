@@ -39,6 +39,7 @@ def model_spec(
     param_xform: Sequence[Callable],
     inputs: Sequence[str],
     check_data: Callable | None = None,
+    params_for_data: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorate a batched ``fit_func`` with its defaults.
 
@@ -54,6 +55,11 @@ def model_spec(
     check_data : callable, optional
         ``check_data(batch)`` raising ``ValueError`` on data the model cannot
         take (e.g. a choice out of range), naming the subject and field.
+    params_for_data : callable, optional
+        ``params_for_data(batch) -> (names, transforms)`` for a model whose
+        parameters follow the data (a regression with one weight per
+        predictor column); ``param_names``/``param_xform`` are then the
+        defaults for the simulator's default design.
     """
 
     def wrap(fn: Callable) -> Callable:
@@ -61,6 +67,7 @@ def model_spec(
         fn.param_xform = list(param_xform)
         fn.inputs = list(inputs)
         fn.check_data = check_data
+        fn.params_for_data = params_for_data
         fn.simulate = None
         return fn
 
@@ -131,8 +138,16 @@ class Model:
 
     @classmethod
     def resolve(cls, fit_func: Callable, param_names=None, param_xform=None, simulate_func=None,
-                per_subject: bool = False) -> "Model":
-        """Fill unspecified pieces from a library model's attributes."""
+                per_subject: bool = False, batch=None) -> "Model":
+        """Fill unspecified pieces from a library model's attributes.
+
+        A model whose parameters follow the data (``fit_func.params_for_data``)
+        takes its names and transforms from ``batch`` when the caller gives none.
+        """
+        for_data = getattr(fit_func, "params_for_data", None)
+        if param_names is None and for_data is not None and batch is not None:
+            param_names, data_xform = for_data(batch)
+            param_xform = data_xform if param_xform is None else param_xform
         names = param_names if param_names is not None else getattr(fit_func, "param_names", None)
         if names is None:
             raise ValueError("param_names is required for a fit_func that does not declare its parameters")

@@ -24,6 +24,8 @@ __all__ = [
     "beta2norm",
     "norm2exp",
     "exp2norm",
+    "norm2corr",
+    "corr2norm",
     "identity",
     "TRANSFORMS",
     "INVERSES",
@@ -118,6 +120,20 @@ def exp2norm(y: ArrayLike) -> ArrayLike:
     return _log(y)
 
 
+def norm2corr(x: ArrayLike) -> ArrayLike:
+    """Map an unbounded value to (-1, 1): ``2 / (1 + exp(-x)) - 1`` (= ``tanh(x / 2)``).
+
+    For coefficients that must stay inside the unit interval, such as the
+    autoregressive weight of :func:`torchem.models.glm.glm_ar_fit`.
+    """
+    return 2.0 * _sigmoid(x) - 1.0
+
+
+def corr2norm(r: ArrayLike) -> ArrayLike:
+    """Inverse of :func:`norm2corr`: ``logit((r + 1) / 2)``."""
+    return _logit((r + 1.0) / 2.0)
+
+
 def identity(x: ArrayLike) -> ArrayLike:
     """Leave an unbounded parameter as it is."""
     return x
@@ -128,6 +144,7 @@ TRANSFORMS: dict[str, Callable] = {
     "alpha": norm2alpha,
     "beta": norm2beta,
     "exp": norm2exp,
+    "corr": norm2corr,
     "identity": identity,
 }
 
@@ -136,6 +153,7 @@ INVERSES: dict[Callable, Callable] = {
     norm2alpha: alpha2norm,
     norm2beta: beta2norm,
     norm2exp: exp2norm,
+    norm2corr: corr2norm,
     identity: identity,
 }
 
@@ -153,5 +171,5 @@ def inverse_of(transform: Callable) -> Callable:
     except (KeyError, TypeError):
         raise ValueError(
             f"no known inverse for transform {getattr(transform, '__name__', transform)!r}; "
-            "pass normalized parameters or one of norm2alpha, norm2beta, norm2exp, identity"
+            "pass normalized parameters or one of norm2alpha, norm2beta, norm2exp, norm2corr, identity"
         ) from None

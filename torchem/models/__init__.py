@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import bayes, rl, twostep
+from . import bayes, discounting, glm, pt, rl, sdt, twostep
 
-__all__ = ["rl", "twostep", "bayes", "MODELS", "get_model"]
+__all__ = ["rl", "twostep", "bayes", "glm", "sdt", "pt", "discounting", "MODELS", "get_model"]
 
 #: Library models by name.
 MODELS: dict[str, Callable] = {
@@ -23,6 +23,22 @@ MODELS: dict[str, Callable] = {
     "model_based": twostep.model_based_fit,
     "sarsa_lambda": twostep.sarsa_lambda_fit,
     "bayes": bayes.bayes_fit,
+    "glm": glm.glm_fit,
+    "glm_decay": glm.glm_decay_fit,
+    "logit": glm.logit_fit,
+    "logit_decay": glm.logit_decay_fit,
+    "glm_ar": glm.glm_ar_fit,
+    "sdt": sdt.sdt_fit,
+    "pt": pt.pt_fit,
+    "sd_hyp_wk": discounting.sd_hyp_wk_fit,
+    "sd_hyp_k": discounting.sd_hyp_k_fit,
+    "sd_par_k": discounting.sd_par_k_fit,
+    "sd_lin_k": discounting.sd_lin_k_fit,
+    "td_hyp_k": discounting.td_hyp_k_fit,
+    "prd_hyp_k": discounting.prd_hyp_k_fit,
+    "ed_par_k": discounting.ed_par_k_fit,
+    "ped_par_k": discounting.ped_par_k_fit,
+    "ped_par_2k": discounting.ped_par_2k_fit,
 }
 
 
