@@ -68,6 +68,7 @@ GROUPS = {
     **{n: {"beta1": (np.log(5.0), 0.5), "beta2": (np.log(4.0), 0.5), "rep": (0.2, 0.3)} for n in TWOSTEP},
     "bayes": {"lambda1": (0.5, 1.0)},
     "glm": {"sigma": (0.0, 0.3)},
+    "logit": {"b0": (0.0, 1.5), "b1": (0.0, 1.5), "b2": (0.0, 1.5)},
     "glm_decay": {"sigma": (0.0, 0.3)},
     "glm_ar": {"phi": (0.0, 0.8), "sigma": (0.0, 0.3)},
     "sdt": {"dprime": (np.log(1.5), 0.4), "criterion": (0.0, 0.5)},
