@@ -150,7 +150,7 @@ def _draw(name, n, seed):
     return draw_params(name, n, np.random.default_rng(seed))
 
 
-# benchmarks/recovery_table.py (200 subjects, default designs): w_other 0.93 and k 0.91 (sd_hyp_wk), every
+# benchmarks/recovery_table.py (200 subjects, default designs): w_other 0.95 and k 0.97 (sd_hyp_wk), every
 # single-k model 0.99-1.00, ped_par_2k 1.00 / 1.00.  The design is nearly deterministic (no temperature), so
 # the switch point on the ladder pins k down; thresholds sit below the measured values.
 @pytest.mark.parametrize("name,thresholds", [
