@@ -19,6 +19,26 @@ __all__ = ["main"]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+def parse_columns(text: str) -> list:
+    """``"a,[b,c],d"`` -> ``["a", ["b", "c"], "d"]``: bracketed columns form one field."""
+    out, group = [], None
+    for part in (p.strip() for p in text.split(",")):
+        if part.startswith("["):
+            group, part = [], part[1:].strip()
+        end = part.endswith("]")
+        name = part[:-1].strip() if end else part
+        if group is None:
+            out.append(name)
+        else:
+            group.append(name)
+            if end:
+                out.append(group)
+                group = None
+    if group is not None:
+        raise ValueError(f"unclosed '[' in --columns {text!r}")
+    return out
+
+
 def _summary(model: EMModel, nsamples: int, seed: int) -> dict:
     res = model.result
     lap, lme, good = model.compute_lme()
@@ -81,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     df = pd.read_csv(args.data)
     fit_func = get_model(args.model)
-    columns = [c.strip() for c in args.columns.split(",")] if args.columns else list(fit_func.inputs)
+    columns = parse_columns(args.columns) if args.columns else list(fit_func.inputs)
     start = time.perf_counter()
     model = EMModel(df, fit_func, subject=args.subject, columns=columns, block=args.block, trial=args.trial,
                     device=args.device, dtype=_DTYPES[args.dtype])
@@ -124,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("data", help="CSV file")
     f.add_argument("--model", required=True, choices=sorted(MODELS))
     f.add_argument("--subject", default="subject", help="subject column")
-    f.add_argument("--columns", help="data columns in model order, comma-separated (e.g. choice,reward)")
+    f.add_argument("--columns", help="data columns in model order, comma-separated (e.g. choice,reward); "
+                                     "brackets group columns into one field (e.g. '[x0,x1,x2],y')")
     f.add_argument("--block", help="block column (values reset per block)")
     f.add_argument("--trial", help="trial-order column")
     f.add_argument("--group", default="diag", choices=["diag", "full"], help="group covariance")
