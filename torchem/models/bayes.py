@@ -40,6 +40,7 @@ import torch
 
 from ..model import check_categorical, model_spec, natural_params
 from ..transforms import norm2alpha
+from .common import default_mask
 
 __all__ = ["bayes_fit", "bayes_simulate", "N_PONDS"]
 
@@ -82,8 +83,7 @@ def bayes_fit(params: torch.Tensor, choices: torch.Tensor, observations: torch.T
     """
     x = params[:, 0]
     lam = norm2alpha(x)
-    if mask is None:
-        mask = torch.ones(choices.shape, dtype=torch.bool, device=choices.device)
+    mask = default_mask(mask, choices)
     dtype = params.dtype
     c = torch.where(mask, choices, 0).long()
     f = torch.where(mask, observations, 0).long()

@@ -11,12 +11,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["default_mask", "fill_padding", "sum_trials", "bernoulli_nll", "simulate_bernoulli", "model_output"]
+__all__ = ["default_mask", "as_blocks", "fill_padding", "sum_trials", "bernoulli_nll", "simulate_bernoulli", "model_output"]
 
 
 def default_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """``mask``, or all-``True`` over ``like``'s subject and trial axes when it is ``None``."""
     return torch.ones(like.shape, dtype=torch.bool, device=like.device) if mask is None else mask
+
+
+def as_blocks(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """Reshape ``(S, T)`` or ``(S, B, T)`` tensors to ``(S*B, T)`` (blocks side by side); return the leading shape.
+
+    Learning models reset their values at every block, so each row is one
+    block; the leading shape (``(S, B)``, or ``(S, 1)`` for one session) puts
+    per-trial outputs back.
+    """
+    lead = tuple(tensors[0].shape[:-1]) if tensors[0].dim() == 3 else (tensors[0].shape[0], 1)
+    T = tensors[0].shape[-1]
+    return tuple(t.reshape(-1, T) for t in tensors), lead
 
 
 def fill_padding(x: torch.Tensor, mask: torch.Tensor, value: float = 0.0, dtype: torch.dtype | None = None):

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..model import check_categorical, model_spec, natural_params
 from ..transforms import norm2alpha, norm2beta
+from .common import as_blocks, default_mask, fill_padding
 
 __all__ = ["rw1a1b_fit", "rw1a1b_simulate", "rw2a1b_fit", "rw2a1b_simulate", "rw3a1b_fit", "rw3a1b_simulate",
            "rw4a1b_fit", "rw4a1b_simulate"]
@@ -44,26 +45,18 @@ def _check_bandit(batch) -> None:
     check_categorical(batch, 0, 2)
 
 
-def _as_blocks(*tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
-    """Reshape ``(S, T)`` or ``(S, B, T)`` tensors to ``(S*B, T)``; return the original leading shape."""
-    lead = tuple(tensors[0].shape[:-1]) if tensors[0].dim() == 3 else (tensors[0].shape[0], 1)
-    T = tensors[0].shape[-1]
-    return tuple(t.reshape(-1, T) for t in tensors), lead
-
-
 def _rw_bandit(beta: torch.Tensor, alpha_pos: torch.Tensor, alpha_neg: torch.Tensor | None,
                choices: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None, output: str):
     """Shared Rescorla-Wagner recursion; ``alpha_neg=None`` means one learning rate.
 
     ``beta``, ``alpha_*``: ``(S,)``.  Data ``(S, T)`` or ``(S, B, T)``.
     """
-    if mask is None:
-        mask = torch.ones(choices.shape, dtype=torch.bool, device=choices.device)
-    (c, r, m), lead = _as_blocks(choices, rewards, mask)
+    mask = default_mask(mask, choices)
+    (c, r, m), lead = as_blocks(choices, rewards, mask)
     S = beta.shape[0]
     n_blocks = c.shape[0] // S
     dtype = beta.dtype
-    c = torch.where(m, c, 0).to(dtype)  # padded trials hold anything (even NaN): zero them once
+    c = fill_padding(c, m, dtype=dtype)  # padded trials hold anything (even NaN): zero them once
     r = torch.where(m, r, 0).to(dtype)
     m = m.to(dtype)
     b = beta.repeat_interleave(n_blocks)
@@ -239,12 +232,6 @@ rw2a1b_fit.simulate = rw2a1b_simulate
 _RW3_CHANNELS = ("self", "other", "noone")
 
 
-def _sanitize(mask: torch.Tensor, dtype: torch.dtype, *tensors: torch.Tensor, fill: Sequence[float] | None = None):
-    """Replace padded entries (anything, even NaN) by ``fill`` (default 0) and cast to ``dtype``."""
-    fill = [0.0] * len(tensors) if fill is None else fill
-    return tuple(torch.where(mask, t, f).to(dtype) for t, f in zip(tensors, fill))
-
-
 @model_spec(param_names=["beta", "alpha_self", "alpha_other", "alpha_noone"],
             param_xform=[norm2beta, norm2alpha, norm2alpha, norm2alpha],
             inputs=["choices", "rewards_self", "rewards_other", "rewards_noone"], check_data=_check_bandit)
@@ -303,13 +290,12 @@ def rw3a1b_fit(params: torch.Tensor, choices: torch.Tensor, rewards_self: torch.
     """
     beta = norm2beta(params[:, 0])
     alphas = norm2alpha(params[:, 1:4])
-    if mask is None:
-        mask = torch.ones(choices.shape, dtype=torch.bool, device=choices.device)
-    (c, rs, ro, rn, m), lead = _as_blocks(choices, rewards_self, rewards_other, rewards_noone, mask)
+    mask = default_mask(mask, choices)
+    (c, rs, ro, rn, m), lead = as_blocks(choices, rewards_self, rewards_other, rewards_noone, mask)
     S = beta.shape[0]
     n_blocks = c.shape[0] // S
     dtype = beta.dtype
-    c, rs, ro, rn = _sanitize(m, dtype, c, rs, ro, rn)
+    c, rs, ro, rn = (fill_padding(x, m, dtype=dtype) for x in (c, rs, ro, rn))
     mf = m.to(dtype)
     b = beta.repeat_interleave(n_blocks)
     a = alphas.repeat_interleave(n_blocks, 0)  # (S*B, 3)
@@ -520,16 +506,15 @@ def rw4a1b_fit(params: torch.Tensor, choices: torch.Tensor, outcomes_self: torch
     """
     beta = norm2beta(params[:, 0])
     alphas = norm2alpha(params[:, 1:5])
-    if mask is None:
-        mask = torch.ones(choices.shape, dtype=torch.bool, device=choices.device)
-    (c, os_, oo, left, right, m), lead = _as_blocks(choices, outcomes_self, outcomes_other, option_left,
+    mask = default_mask(mask, choices)
+    (c, os_, oo, left, right, m), lead = as_blocks(choices, outcomes_self, outcomes_other, option_left,
                                                       option_right, mask)
     S = beta.shape[0]
     n_blocks = c.shape[0] // S
     dtype = beta.dtype
     # padded trials: offer (0, 1) and choose 0, outcomes 0
     c, left, right = (torch.where(m, x, f).long() for x, f in ((c, 0), (left, 0), (right, 1)))
-    os_, oo = _sanitize(m, dtype, os_, oo)
+    os_, oo = (fill_padding(x, m, dtype=dtype) for x in (os_, oo))
     mf = m.to(dtype)
     other = left + right - c
     oh_c = F.one_hot(c, 4).to(dtype)  # (N, T, 4)

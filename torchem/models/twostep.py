@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from ..model import check_categorical, model_spec, natural_params
 from ..transforms import identity, norm2alpha, norm2exp
+from .common import as_blocks, default_mask, fill_padding
 from .recurrence import linear_scan
 
 __all__ = ["hybrid_mbmf_fit", "hybrid_mbmf_simulate", "model_based_fit", "model_based_simulate",
@@ -86,12 +87,6 @@ _FEATURES = torch.tensor([[-1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, -0.
 def _check_twostep(batch) -> None:
     for j in range(3):
         check_categorical(batch, j, 2)
-
-
-def _as_blocks(*tensors: torch.Tensor):
-    lead = tuple(tensors[0].shape[:-1]) if tensors[0].dim() == 3 else (tensors[0].shape[0], 1)
-    T = tensors[0].shape[-1]
-    return tuple(t.reshape(-1, T) for t in tensors), lead
 
 
 def _previous_choice(sign1: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -113,16 +108,15 @@ def _twostep(beta1, beta2, alpha1, alpha2, lam, omega, rep, choices1, states2, c
     stage, whose target involves the second-stage values); the choice rule (with its ``max``) is
     evaluated for all trials at once afterwards.
     """
-    if mask is None:
-        mask = torch.ones(choices1.shape, dtype=torch.bool, device=choices1.device)
-    (c1, s2, c2, r, m), lead = _as_blocks(choices1, states2, choices2, rewards, mask)
+    mask = default_mask(mask, choices1)
+    (c1, s2, c2, r, m), lead = as_blocks(choices1, states2, choices2, rewards, mask)
     S = beta1.shape[0]
     nb = c1.shape[0] // S
     dtype = beta1.dtype
     dev = c1.device
     # padded trials hold anything (even NaN): replace them once, and keep them out of every update
     c1, s2, c2 = (torch.where(m, x, 0).long() for x in (c1, s2, c2))
-    r = torch.where(m, r, 0).to(dtype)
+    r = fill_padding(r, m, dtype=dtype)
     mf = m.to(dtype)
     N, T = c1.shape
     c1f, s2f, c2f = c1.to(dtype), s2.to(dtype), c2.to(dtype)
