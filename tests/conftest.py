@@ -79,6 +79,21 @@ def assert_hessian_matches_fd(fit, batch: SubjectBatch, x: torch.Tensor, H: torc
         torch.testing.assert_close(H[:, :, j], (grad(x + e) - grad(x - e)) / (2 * eps), rtol=1e-4, atol=1e-5)
 
 
+def assert_padding_ignored_and_hessian_exact(fit, batch: SubjectBatch, x: torch.Tensor, int_fill: int = 1) -> None:
+    """Padded trials holding anything (NaN, or ``int_fill`` in integer fields) leave ``fit`` unchanged, and its
+    ``torch.func`` Hessian at ``x`` on such data is finite and equals finite differences."""
+    from torchem.curvature import batched_hessian
+
+    dirty = [d.clone() for d in batch.data]
+    for d in dirty:
+        d[~batch.mask] = float("nan") if d.is_floating_point() else int_fill
+    torch.testing.assert_close(fit(x, *dirty, mask=batch.mask), fit(x, *batch.data, mask=batch.mask),
+                               rtol=0, atol=1e-12)
+    H = batched_hessian(lambda z: fit(z, *dirty, mask=batch.mask), x)
+    assert torch.isfinite(H).all()
+    assert_hessian_matches_fd(fit, batch, x, H)
+
+
 def lists_to_dataframe(all_data, subject_ids=None) -> pd.DataFrame:
     """Long DataFrame (subject, block, trial, choice, reward) from ``[[choices (B, T), rewards (B, T)], ...]``."""
     rows = []

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_hessian_matches_fd
+from conftest import assert_padding_ignored_and_hessian_exact
 from torchem import EMModel, ModelComparison, SubjectBatch
-from torchem.curvature import batched_hessian
 from torchem.models import MODELS
 from torchem.models import discounting as D
 
@@ -91,14 +90,7 @@ def test_padding_ignored_and_hessian_exact(name):
     batch = SubjectBatch.from_lists(data, names=fit.inputs)
     x = 0.5 * torch.randn(4, len(fit.param_names), generator=torch.Generator().manual_seed(3),
                           dtype=torch.float64) - 3
-    dirty = [d.clone() for d in batch.data]
-    for d in dirty:
-        d[~batch.mask] = float("nan") if d.is_floating_point() else 1
-    torch.testing.assert_close(fit(x, *dirty, mask=batch.mask), fit(x, *batch.data, mask=batch.mask),
-                               rtol=0, atol=1e-12)
-    H = batched_hessian(lambda z: fit(z, *dirty, mask=batch.mask), x)
-    assert torch.isfinite(H).all()
-    assert_hessian_matches_fd(fit, batch, x, H)
+    assert_padding_ignored_and_hessian_exact(fit, batch, x)
 
 
 def test_simulators_designs_and_check_data():

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_hessian_matches_fd
+from conftest import assert_padding_ignored_and_hessian_exact
 from torchem import EMModel, SubjectBatch
-from torchem.curvature import batched_hessian
 from torchem.models import MODELS
 from torchem.models.glm import glm_ar_fit, glm_decay_fit, glm_fit, logit_decay_fit, logit_fit
 
@@ -83,14 +82,7 @@ def test_padding_ignored_and_hessian_exact(name):
     fit = FITS[name]
     batch = SubjectBatch.from_lists(_ragged(name, 2), names=fit.inputs)
     x = 0.5 * torch.randn(4, len(fit.param_names), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    dirty = [d.clone() for d in batch.data]
-    for d in dirty:  # padded trials may hold anything
-        d[~batch.mask] = float("nan") if d.is_floating_point() else 7
-    torch.testing.assert_close(fit(x, *dirty, mask=batch.mask), fit(x, *batch.data, mask=batch.mask),
-                               rtol=0, atol=1e-12)
-    H = batched_hessian(lambda z: fit(z, *dirty, mask=batch.mask), x)
-    assert torch.isfinite(H).all()
-    assert_hessian_matches_fd(fit, batch, x, H)
+    assert_padding_ignored_and_hessian_exact(fit, batch, x, int_fill=7)
 
 
 def test_parameters_follow_the_number_of_predictors():

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import assert_hessian_matches_fd
+from conftest import assert_padding_ignored_and_hessian_exact
 from torchem import EMModel, SubjectBatch
-from torchem.curvature import batched_hessian
 from torchem.models import MODELS
 from torchem.models.pt import pt_design, pt_fit, pt_simulate
 from torchem.models.sdt import sdt_fit, sdt_simulate
@@ -111,14 +110,7 @@ def test_padding_ignored_and_hessian_exact(fit, data):
     x = 0.5 * torch.randn(S, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     if fit is pt_fit:
         x[:, 4] -= 3.0
-    dirty = [d.clone() for d in batch.data]
-    for d in dirty:
-        d[~batch.mask] = float("nan") if d.is_floating_point() else 1
-    torch.testing.assert_close(fit(x, *dirty, mask=batch.mask), fit(x, *batch.data, mask=batch.mask),
-                               rtol=0, atol=1e-12)
-    H = batched_hessian(lambda z: fit(z, *dirty, mask=batch.mask), x)
-    assert torch.isfinite(H).all()
-    assert_hessian_matches_fd(fit, batch, x, H)
+    assert_padding_ignored_and_hessian_exact(fit, batch, x)
 
 
 def test_simulators_match_likelihoods_and_check_data():
