@@ -30,7 +30,7 @@ import torch
 
 from .transforms import identity
 
-__all__ = ["Model", "model_spec", "check_categorical", "natural_params"]
+__all__ = ["Model", "model_spec", "check_categorical", "reject_subject", "natural_params"]
 
 
 def model_spec(
@@ -83,15 +83,23 @@ def natural_params(params, names: Sequence[str]) -> np.ndarray:
     return params
 
 
+def reject_subject(batch, bad, field_index: int, what: str) -> None:
+    """Raise ``ValueError`` naming the first subject with a ``bad`` real trial and the field, if there is one.
+
+    ``bad`` is a bool tensor over the subject and trial axes (already restricted
+    to real trials); the message reads ``subject <id>: field '<name>' <what>``.
+    """
+    if bad.any():
+        s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
+        raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{batch.names[field_index]}' {what}")
+
+
 def check_categorical(batch, field_index: int, n_options: int) -> None:
     """Raise ``ValueError`` unless field ``field_index`` holds codes ``0..n_options-1`` on real trials."""
     name = batch.names[field_index]
     values = batch.data[field_index]
     if values.is_floating_point():
-        frac = (values != values.round()) & batch.mask
-        if frac.any():
-            s = int(frac.reshape(len(batch), -1).any(1).nonzero()[0])
-            raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{name}' must hold integer option codes")
+        reject_subject(batch, (values != values.round()) & batch.mask, field_index, "must hold integer option codes")
     bad = ((values < 0) | (values >= n_options)) & batch.mask
     if bad.any():
         s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])

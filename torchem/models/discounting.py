@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..model import check_categorical, model_spec, natural_params
+from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import norm2beta
 from .common import bernoulli_nll, default_mask, fill_padding, model_output, simulate_bernoulli
 
@@ -82,16 +82,10 @@ def _checker(positive: list[int], unit: list[int] = (), binary: list[int] = ()) 
         for j in binary:
             check_categorical(batch, j, 2)
         for j in positive:
-            bad = (batch.data[j] <= 0) & batch.mask
-            if bad.any():
-                s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
-                raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{batch.names[j]}' must be > 0")
+            reject_subject(batch, (batch.data[j] <= 0) & batch.mask, j, "must be > 0")
         for j in unit:
-            bad = ((batch.data[j] <= 0) | (batch.data[j] > 1)) & batch.mask
-            if bad.any():
-                s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
-                raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{batch.names[j]}' must be a "
-                                 "probability in (0, 1]")
+            reject_subject(batch, ((batch.data[j] <= 0) | (batch.data[j] > 1)) & batch.mask, j,
+                           "must be a probability in (0, 1]")
     return check
 
 
@@ -367,8 +361,10 @@ def _social_simulate(fit, params, payouts, social_dists, seed):
     return _simulate(fit, params, [pay[..., 0, 0], pay[..., 0, 1], pay[..., 1, 0], pay[..., 1, 1], n], seed)
 
 
-def _two_simulate(fit, params, payouts, levels, seed, extra=()):
+def _two_simulate(fit, params, payouts, levels, seed, extra_levels=()):
+    """``extra_levels``: further per-block fields (e.g. the beneficiary), spread over each block's trials."""
     pay, v = _blocks(LADDER if payouts is None else payouts, levels, 1)
+    extra = [np.broadcast_to(np.asarray(x, dtype=float)[:, None], v.shape) for x in extra_levels]
     return _simulate(fit, params, [pay[..., 0], pay[..., 1], v, *extra], seed)
 
 
@@ -430,8 +426,7 @@ def _ped_simulate(fit, params, payouts, effort_levels, beneficiary, seed):
     ben = PED_BENEFICIARY if beneficiary is None else np.asarray(beneficiary, dtype=float)
     if ben.shape != e.shape:
         raise ValueError(f"beneficiary needs one value per block like effort_levels ({e.size}), got {ben.size}")
-    pay, _ = _blocks(LADDER if payouts is None else payouts, e, 1)
-    return _two_simulate(fit, params, payouts, e, seed, extra=(np.broadcast_to(ben[:, None], pay.shape[:2]),))
+    return _two_simulate(fit, params, payouts, e, seed, extra_levels=(ben,))
 
 
 def ped_par_k_simulate(params: np.ndarray, payouts: np.ndarray | None = None, effort_levels: np.ndarray | None = None,

@@ -50,7 +50,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..model import check_categorical, model_spec, natural_params
+from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import norm2alpha, norm2beta
 from .common import bernoulli_nll, default_mask, fill_padding, model_output, simulate_bernoulli
 
@@ -65,10 +65,7 @@ def _check_pt(batch) -> None:
                              f"probabilities p1, p2), got shape {tuple(x.shape)}")
     probs = batch.data[1]
     bad = (((probs < 0) | (probs > 1)).any(-1) | (probs.sum(-1) > 1 + 1e-9)) & batch.mask
-    if bad.any():
-        s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
-        raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{batch.names[1]}' must hold probabilities in "
-                         "[0, 1] summing to at most 1")
+    reject_subject(batch, bad, 1, "must hold probabilities in [0, 1] summing to at most 1")
     check_categorical(batch, 3, 2)
 
 
@@ -207,8 +204,9 @@ def pt_simulate(params: np.ndarray, ntrials: int = 150, seed: int | None = None,
     rng = np.random.default_rng(seed)
     if design is None:
         design = pt_design(S, ntrials, rng)
-    g, pr, c = (np.broadcast_to(np.asarray(design[k], float), (S,) + np.shape(design[k])[-2:] if k != "certain"
-                                else (S, np.shape(design[k])[-1])).copy() for k in ("gamble", "probs", "certain"))
+    # a design shared by all subjects ((T, 2) and (T,)) is repeated for each of them
+    c = np.broadcast_to(np.asarray(design["certain"], float), (S, np.shape(design["certain"])[-1])).copy()
+    g, pr = (np.broadcast_to(np.asarray(design[k], float), c.shape + (2,)).copy() for k in ("gamble", "probs"))
     out = model_output(pt_fit, p, g, pr, c, np.zeros(c.shape))
     choice = simulate_bernoulli(out["p_gamble"], rng)
     return {"params": p.copy(), "gamble": g, "probs": pr, "certain": c, "choice": choice,
