@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..transforms import inverse_of
+
 __all__ = ["default_mask", "as_blocks", "fill_padding", "sum_trials", "bernoulli_nll", "simulate_bernoulli", "model_output"]
 
 
@@ -63,8 +65,6 @@ def model_output(fit, natural: np.ndarray, *data) -> dict:
     the model's transforms, so a simulator draws choices from exactly the
     probabilities its likelihood assigns.
     """
-    from ..transforms import inverse_of
-
     nat = torch.as_tensor(np.asarray(natural, dtype=float))
     x = torch.stack([inverse_of(t)(nat[:, j]) for j, t in enumerate(fit.param_xform)], -1)
     with torch.no_grad():
