@@ -24,13 +24,9 @@ DT = torch.float64
 
 
 def _prior_of_last_estep(res: FitResult) -> GaussianGroup:
-    """The (diagonal) group prior the final E-step used: the M-step output of the iteration before."""
-    if res.n_iter < 2:
-        raise AssertionError("needs at least two EM iterations")
-    row = res.history.iloc[-2]
-    mu = torch.tensor([row[f"mu[{n}]"] for n in res.param_names], dtype=DT)
-    var = torch.tensor([row[f"sigma[{n}]"] for n in res.param_names], dtype=DT)
-    return GaussianGroup(mu, torch.diag(var))
+    """The group prior the final E-step used."""
+    assert isinstance(res.estep_prior, GaussianGroup)
+    return res.estep_prior
 
 
 def _check_mstep_identity(res: FitResult, diagonal: bool = True):
