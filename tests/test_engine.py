@@ -243,3 +243,9 @@ def test_an_exception_mid_fit_keeps_the_last_completed_step(reference_model):
     with pytest.raises(ValueError):
         twin.fit(verbose=0, mstep_maxit=-1)
     assert twin.result is not None  # a refused option runs nothing and keeps the previous result
+
+
+def test_readme_option_table_is_the_options_dataclass():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- options:start -->")[1].split("<!-- options:end -->")[0].strip()
+    assert block == option_table()
