@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -12,6 +14,7 @@ import pandas as pd
 import torch
 
 from .api import EMModel
+from .data import read_table
 from .models import MODELS, get_model
 
 __all__ = ["main"]
@@ -39,7 +42,8 @@ def parse_columns(text: str) -> list:
     return out
 
 
-def _summary(model: EMModel, nsamples: int, seed: int) -> dict:
+def _summary(model: EMModel) -> dict:
+    """The group summary of a fitted model (everything but the integrated BIC, which may still fail)."""
     res = model.result
     lap, lme, good = model.compute_lme()
     natural_mu = [float(t(v)) for t, v in zip(model.model.param_xform, res.posterior_mu.cpu())]
@@ -47,33 +51,58 @@ def _summary(model: EMModel, nsamples: int, seed: int) -> dict:
         "subjects": res.n_subjects,
         "parameters": res.param_names,
         "converged": bool(res.convergence),
+        "stopped": bool(getattr(res, "stopped", False)),
         "em_iterations": res.n_iter,
         "group_mu_normalized": res.posterior_mu.cpu().tolist(),
         "group_var_normalized": res.posterior_sigma.cpu().tolist(),
         "group_mu_natural": natural_mu,
         "NPL": float(res.NPL.sum()),
         "LME": lme,
-        "BICint": model.compute_integrated_bic(nsamples=nsamples, seed=seed),
-        "BICint_nsamples": nsamples,
+        "BICint": None,
+        "BICint_nsamples": None,
         "estep_failed": int((~res.estep_success).sum()),
         "hessian_not_pd": int((~res.hessian_ok).sum()),
+        "warnings": _warnings(model),
     }
 
 
+def _warnings(model: EMModel) -> list[str]:
+    """Warnings about the data and the fit, each once."""
+    found = list(model.batch.warnings) + list(getattr(model.result, "warnings", []) or [])
+    return list(dict.fromkeys(found))
+
+
+def _convergence_line(s: dict) -> str:
+    if s["converged"]:
+        return f"converged after {s['em_iterations']} EM iterations"
+    if s["stopped"]:
+        return f"NOT CONVERGED: stopped after {s['em_iterations']} EM iterations"
+    return (f"NOT CONVERGED: EM reached the cap of {s['em_iterations']} iterations without meeting the "
+            "convergence criterion (raise --maxit; read the estimates with care)")
+
+
 def _print_summary(s: dict, seconds: float | None = None) -> None:
-    print(f"subjects: {s['subjects']}   EM iterations: {s['em_iterations']}   converged: {s['converged']}")
+    print(f"subjects: {s['subjects']}   {_convergence_line(s)}")
     table = pd.DataFrame(
         {"mu (normalized)": s["group_mu_normalized"], "sd (normalized)": np.sqrt(s["group_var_normalized"]),
          "mu (natural)": s["group_mu_natural"]},
         index=pd.Index(s["parameters"], name="parameter"),
     )
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    ibic = "failed" if s["BICint"] is None else f"{s['BICint']:.3f}"
     print(f"summed NPL: {s['NPL']:.3f}   LME (Laplace): {s['LME']:.3f}   "
-          f"BICint ({s['BICint_nsamples']} samples): {s['BICint']:.3f}")
+          f"BICint ({s['BICint_nsamples']} samples): {ibic}")
     if s["estep_failed"] or s["hessian_not_pd"]:
         print(f"warning: {s['estep_failed']} E-step failure(s), {s['hessian_not_pd']} non-PD Hessian(s)")
+    for w in s["warnings"]:
+        print(f"warning: {w}")
     if seconds is not None:
         print(f"wall time: {seconds:.2f} s")
+
+
+def _add_bicint(model: EMModel, s: dict, nsamples: int, seed: int) -> None:
+    s["BICint"] = model.compute_integrated_bic(nsamples=nsamples, seed=seed)
+    s["BICint_nsamples"] = nsamples
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -87,7 +116,8 @@ def _demo(args: argparse.Namespace) -> int:
     model = EMModel([[c, r] for c, r in zip(sim["choices"], sim["rewards"])], rw1a1b_fit,
                     device=args.device, dtype=_DTYPES[args.dtype])
     model.fit(verbose=0 if args.quiet else 1, seed=args.seed)
-    s = _summary(model, args.nsamples, args.seed)
+    s = _summary(model)
+    _add_bicint(model, s, args.nsamples, args.seed)
     seconds = time.perf_counter() - start
     print(f"device: {model.device}, dtype: {args.dtype}")
     _print_summary(s)
@@ -98,16 +128,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit(args: argparse.Namespace) -> int:
-    df = pd.read_csv(args.data)
-    fit_func = get_model(args.model)
-    columns = parse_columns(args.columns) if args.columns else list(fit_func.inputs)
-    start = time.perf_counter()
-    model = EMModel(df, fit_func, subject=args.subject, columns=columns, block=args.block, trial=args.trial,
-                    device=args.device, dtype=_DTYPES[args.dtype])
-    res = model.fit(verbose=0 if args.quiet else 1, seed=args.seed, mstep_maxit=args.maxit, group=args.group)
-    s = _summary(model, args.nsamples, args.seed)
-    seconds = time.perf_counter() - start
+def _subject_table(model: EMModel) -> pd.DataFrame:
+    """One row per subject: natural and normalized parameters, NLL, NPL, Laplace evidence, trials, flags."""
+    res = model.result
     lap, _, _ = model.compute_lme()
     table = res.params_df()
     for j, name in enumerate(res.param_names):
@@ -118,40 +141,121 @@ def _fit(args: argparse.Namespace) -> int:
     table["n_trials"] = res.n_obs.cpu().numpy()
     table["hessian_ok"] = res.hessian_ok.cpu().numpy()
     table["estep_success"] = res.estep_success.cpu().numpy()
-    _print_summary(s, seconds)
-    if args.out:
-        table.to_csv(args.out)
-        print(f"per-subject parameters written to {args.out}")
-    if args.summary:
-        with open(args.summary, "w") as fh:
-            json.dump(s, fh, indent=1)
-        print(f"summary written to {args.summary}")
-    return 0
+    return table
+
+
+def _output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where ``torchem fit`` writes, checked (and parent folders made) before any fitting.
+
+    Defaults: ``<data>_<model>_params.csv`` and ``<data>_<model>_summary.json``
+    in the current folder.  Refused: a path that is the input file, a folder,
+    both outputs on one path, or a folder that cannot be created or written.
+    """
+    stem = f"{Path(args.data).stem}_{args.model}"
+    out = Path(args.out) if args.out else Path(f"{stem}_params.csv")
+    summary = Path(args.summary) if args.summary else Path(f"{stem}_summary.json")
+    data = Path(args.data).resolve()
+    if out.resolve() == summary.resolve():
+        raise ValueError(f"--out and --summary are the same file ({out}); give two paths")
+    for flag, path in (("--out", out), ("--summary", summary)):
+        if path.resolve() == data:
+            raise ValueError(f"{flag} {path} is the input file; refusing to overwrite the data")
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file name")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: cannot create the folder {path.parent} ({err})") from None
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ValueError(f"{flag} {path}: not writable")
+    return out, summary
+
+
+def _write_summary(s: dict, path: Path) -> None:
+    with open(path, "w") as fh:
+        json.dump(s, fh, indent=1)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    out, summary_path = _output_paths(args)
+    fit_func = get_model(args.model)
+    if args.first_option and not fit_func.categorical:
+        raise ValueError(f"--first-option shifts option codes, and {args.model} has no option-code fields "
+                         f"(its inputs are {', '.join(fit_func.inputs)}); recode the data to 0/1 as the README's "
+                         "data section says")
+    df = read_table(args.data, sep=args.sep, na_values=args.na or ())
+    columns = parse_columns(args.columns) if args.columns else list(fit_func.inputs)
+    start = time.perf_counter()
+    model = EMModel(df, fit_func, subject=args.subject, columns=columns, block=args.block,
+                    trial=False if args.row_order else args.trial, missing=args.missing, mask=args.mask,
+                    first_option=args.first_option, device=args.device, dtype=_DTYPES[args.dtype])
+    model.fit(verbose=0 if args.quiet else 1, seed=args.seed, mstep_maxit=args.maxit, group=args.group)
+    # the fit is done: write what it found before anything else can fail
+    s = _summary(model)
+    _subject_table(model).to_csv(out)
+    _write_summary(s, summary_path)
+    status = 0
+    try:
+        _add_bicint(model, s, args.nsamples, args.seed)
+    except Exception as err:  # noqa: BLE001 - the fit's outputs are kept whatever went wrong here
+        s["BICint_error"] = f"{type(err).__name__}: {err}"
+        print(f"torchem: error: the integrated BIC failed ({s['BICint_error']}); the fit's outputs are written",
+              file=sys.stderr)
+        status = 1
+    _write_summary(s, summary_path)
+    _print_summary(s, time.perf_counter() - start)
+    print(f"per-subject parameters written to {out}")
+    print(f"summary written to {summary_path}")
+    return status
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchem", description="Hierarchical EM-MAP fits of behavioural models.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    common.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda where available)")
     common.add_argument("--dtype", default="float64", choices=sorted(_DTYPES))
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--nsamples", type=int, default=2000, help="draws per subject for the integrated BIC")
+    common.add_argument("--nsamples", type=_positive, default=2000, help="draws per subject for the integrated BIC")
     common.add_argument("--quiet", action="store_true", help="no progress bar")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", parents=[common], help="simulate, fit and evaluate rw1a1b")
-    d.add_argument("--subjects", type=int, default=100)
-    f = sub.add_parser("fit", parents=[common], help="fit a long CSV (one row per trial)")
-    f.add_argument("data", help="CSV file")
+    d.add_argument("--subjects", type=_positive, default=100)
+    f = sub.add_parser("fit", parents=[common], help="fit a long data file (one row per trial)")
+    f.add_argument("data", help="data file: CSV, TSV or another delimited text file with a header line")
     f.add_argument("--model", required=True, choices=sorted(MODELS))
+    f.add_argument("--sep", help="column separator (default: sniffed from the header line; 'tab' for tabs)")
+    f.add_argument("--na", action="append", metavar="TEXT",
+                   help="extra text that marks a missing value, e.g. --na . (repeatable)")
     f.add_argument("--subject", default="subject", help="subject column")
     f.add_argument("--columns", help="data columns in model order, comma-separated (e.g. choice,reward); "
                                      "brackets group columns into one field (e.g. '[x0,x1,x2],y')")
     f.add_argument("--block", help="block column (values reset per block)")
-    f.add_argument("--trial", help="trial-order column")
+    f.add_argument("--trial", help="trial-order column (default: a column named like trial, trial_num, t, ... "
+                                   "if the rows follow it)")
+    f.add_argument("--row-order", action="store_true", help="the row order is the trial order (no trial column)")
+    f.add_argument("--first-option", type=int, choices=[0, 1], default=0,
+                   help="code of the first option in the choice/option columns: 1 for data coded 1/2 "
+                        "(hBayesDM, MATLAB), shifted to 0/1")
+    f.add_argument("--missing", choices=["error", "skip"], default="error",
+                   help="skip: a missing (empty/NaN) choice marks a missed trial, skipped in the likelihood in its "
+                        "place (models that define skipped trials)")
+    f.add_argument("--mask", help="column that is 1 on trials to use and 0 on missed trials to skip")
     f.add_argument("--group", default="diag", choices=["diag", "full"], help="group covariance")
-    f.add_argument("--maxit", type=int, default=800, help="maximum EM iterations")
-    f.add_argument("--out", help="write per-subject parameters to this CSV")
-    f.add_argument("--summary", help="write the group summary to this JSON file")
+    f.add_argument("--maxit", type=_positive, default=800, help="maximum EM iterations")
+    f.add_argument("--out", help="per-subject table (CSV; default <data>_<model>_params.csv); parent folders "
+                                 "are created")
+    f.add_argument("--summary", help="group summary (JSON; default <data>_<model>_summary.json)")
     return p
 
 

@@ -17,6 +17,9 @@ are the same for every subject (e.g. ``(T, K)`` regressors).  After padding:
 """
 from __future__ import annotations
 
+import csv
+import io
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["SubjectBatch"]
+__all__ = ["SubjectBatch", "read_table"]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -47,6 +50,51 @@ _MISSING_MARKERS = (".", "", "na", "n/a", "nan", "null", "none", "-", "?", "miss
 #: Column names taken for a trial counter when ``trial=`` is not given.
 _TRIAL_NAMES = ("trial", "trials", "trial_num", "trialnum", "trial_number", "trial_no", "trial_nr", "trial_index",
                 "trial_idx", "trial_id", "t")
+
+
+def read_table(source: str | os.PathLike | bytes, sep: str | None = None,
+               na_values: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a long data file (CSV, TSV, ...) into a DataFrame.
+
+    Parameters
+    ----------
+    source : path or bytes
+        A file, or its content (e.g. an upload).
+    sep : str, optional
+        Column separator (``"\\t"`` or ``"tab"`` for tabs).  Default: tabs for
+        ``.tsv``/``.tab`` files, otherwise sniffed among comma, tab,
+        semicolon and ``|`` from the start of the file.
+    na_values : sequence of str
+        Extra text that marks a missing value (e.g. ``"."``); pandas'
+        defaults (empty, ``NA``, ``NaN``, ...) always count.
+
+    Raises
+    ------
+    ValueError
+        The file reads as fewer than two columns (a wrong separator).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        text = bytes(source).decode("utf-8-sig")
+        name, sample = "the data", text[:65536]
+    else:
+        text, name = None, os.fspath(source)
+        with open(name, newline="", encoding="utf-8-sig") as fh:
+            sample = fh.read(65536)
+    if sep in ("\\t", "tab", "TAB"):
+        sep = "\t"
+    if sep is None:
+        if text is None and name.lower().endswith((".tsv", ".tab")):
+            sep = "\t"
+        else:
+            try:
+                sep = csv.Sniffer().sniff(sample.split("\n", 1)[0] + "\n", delimiters=",\t;|").delimiter
+            except csv.Error:
+                sep = ","
+    df = pd.read_csv(io.StringIO(text) if text is not None else name, sep=sep, na_values=list(na_values) or None)
+    if df.shape[1] < 2:
+        raise ValueError(f"{name} reads as {df.shape[1]} column with the separator {sep!r}; give the separator "
+                         "(sep=..., torchem fit --sep)")
+    return df
 
 
 def _parse(values: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, bool]:
