@@ -1,10 +1,12 @@
-"""The ``torchem`` command: ``torchem demo`` and ``torchem fit``."""
+"""The ``torchem`` command: ``torchem demo``, ``torchem fit`` and ``torchem dashboard``."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -14,32 +16,12 @@ import pandas as pd
 import torch
 
 from .api import EMModel
-from .data import read_table
+from .data import parse_columns, read_table
 from .models import MODELS, get_model
 
-__all__ = ["main"]
+__all__ = ["main", "parse_columns"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def parse_columns(text: str) -> list:
-    """``"a,[b,c],d"`` -> ``["a", ["b", "c"], "d"]``: bracketed columns form one field."""
-    out, group = [], None
-    for part in (p.strip() for p in text.split(",")):
-        if part.startswith("["):
-            group, part = [], part[1:].strip()
-        end = part.endswith("]")
-        name = part[:-1].strip() if end else part
-        if group is None:
-            out.append(name)
-        else:
-            group.append(name)
-            if end:
-                out.append(group)
-                group = None
-    if group is not None:
-        raise ValueError(f"unclosed '[' in --columns {text!r}")
-    return out
 
 
 def _summary(model: EMModel) -> dict:
@@ -209,6 +191,48 @@ def _fit(args: argparse.Namespace) -> int:
     return status
 
 
+def dashboard_notebook(data: str | None = None, sep: str | None = None) -> dict:
+    """A notebook (nbformat 4, as a dict) that shows the ``FitDashboard`` on the data file ``data``.
+
+    Without ``data`` the dashboard's Data tab takes an upload.
+    """
+    source = ("from torchem.data import read_table\n"
+              "from torchem.widgets import FitDashboard\n"
+              f"data = read_table({data!r}, sep={sep!r}) if {data!r} else None\n"
+              "FitDashboard(None, data)")
+    cell = {"cell_type": "code", "execution_count": None, "id": "dashboard", "metadata": {}, "outputs": [],
+            "source": source}
+    return {"cells": [cell], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard as a web app with Voila (this process becomes the Voila server)."""
+    if importlib.util.find_spec("voila") is None:
+        raise ValueError("torchem dashboard needs Voila: pip install voila (it comes with the dev extra)")
+    data = None
+    if args.data is not None:
+        data = str(Path(args.data).resolve())
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"no such data file: {args.data}")
+        read_table(data, sep=args.sep)  # a file that does not read is reported here, not in the browser
+    folder = Path(tempfile.mkdtemp(prefix="torchem-dashboard-"))
+    notebook = folder / "torchem_dashboard.ipynb"
+    notebook.write_text(json.dumps(dashboard_notebook(data, args.sep), indent=1))
+    # Jupyter data (Voila's templates) of the interpreter's own installation, also from a virtual environment
+    shares = [os.environ.get("JUPYTER_PATH"), *(str(Path(p) / "share" / "jupyter")
+                                                for p in dict.fromkeys((sys.prefix, sys.base_prefix)))]
+    env = {**os.environ, "JUPYTER_PATH": os.pathsep.join(p for p in shares if p)}
+    cmd = [sys.executable, "-m", "voila", str(notebook), f"--port={args.port}", f"--Voila.ip={args.ip}",
+           "--VoilaConfiguration.show_tracebacks=True"] + (["--no-browser"] if args.no_browser else [])
+    print(f"torchem dashboard: serving {data or 'an upload form'} at http://{args.ip}:{args.port}/ (Ctrl-C stops)",
+          flush=True)
+    os.chdir(folder)
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
+
+
 def _positive(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -256,6 +280,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="per-subject table (CSV; default <data>_<model>_params.csv); parent folders "
                                  "are created")
     f.add_argument("--summary", help="group summary (JSON; default <data>_<model>_summary.json)")
+    b = sub.add_parser("dashboard", help="serve the fit dashboard as a web app (Voila) on a data file")
+    b.add_argument("data", nargs="?", help="data file (CSV, TSV, ...); without it the Data tab takes an upload")
+    b.add_argument("--sep", help="column separator (default: sniffed)")
+    b.add_argument("--port", type=_positive, default=8866)
+    b.add_argument("--ip", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    b.add_argument("--no-browser", action="store_true", help="do not open a browser window")
     return p
 
 
@@ -263,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchem`` command."""
     args = _parser().parse_args(argv)
     try:
-        return _demo(args) if args.command == "demo" else _fit(args)
+        return {"demo": _demo, "fit": _fit, "dashboard": _dashboard}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"torchem: error: {err}", file=sys.stderr)
         return 2

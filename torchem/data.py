@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["SubjectBatch", "read_table"]
+__all__ = ["SubjectBatch", "read_table", "parse_columns"]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -50,6 +50,27 @@ _MISSING_MARKERS = (".", "", "na", "n/a", "nan", "null", "none", "-", "?", "miss
 #: Column names taken for a trial counter when ``trial=`` is not given.
 _TRIAL_NAMES = ("trial", "trials", "trial_num", "trialnum", "trial_number", "trial_no", "trial_nr", "trial_index",
                 "trial_idx", "trial_id", "t")
+
+
+def parse_columns(text: str) -> list:
+    """``"a,[b,c],d"`` -> ``["a", ["b", "c"], "d"]``: bracketed columns form one field (``columns=`` of
+    :meth:`SubjectBatch.from_dataframe`; the command line's ``--columns``, the dashboard's Data tab)."""
+    out, group = [], None
+    for part in (p.strip() for p in text.split(",")):
+        if part.startswith("["):
+            group, part = [], part[1:].strip()
+        end = part.endswith("]")
+        name = part[:-1].strip() if end else part
+        if group is None:
+            out.append(name)
+        else:
+            group.append(name)
+            if end:
+                out.append(group)
+                group = None
+    if group is not None:
+        raise ValueError(f"unclosed '[' in the columns {text!r}")
+    return out
 
 
 def read_table(source: str | os.PathLike | bytes, sep: str | None = None,
