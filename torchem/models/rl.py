@@ -478,9 +478,9 @@ def rw4a1b_fit(params: torch.Tensor, choices: torch.Tensor, outcomes_self: torch
     Data (``columns=`` for a DataFrame, in this order): ``choice`` (the chosen
     option's code 0-3), ``outcome_self``, ``outcome_other`` (real, e.g.
     -1/0/+1), ``option_left``, ``option_right`` (codes 0-3 of the two offered
-    options; their order does not matter).  Give the option codes as numbers;
-    text labels are coded per column, so they only work when every label
-    appears in all three columns.  With ``block=`` values reset every block.
+    options; their order does not matter).  Text labels for the options are
+    coded together over the three columns (one coding of the four options).
+    With ``block=`` values reset every block.
 
     Parameters
     ----------
