@@ -122,15 +122,14 @@ def _parse(values: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, bool]
     """Numbers of ``values``: ``(numbers, text, integer)``.
 
     ``numbers`` is a float array of ``values``' shape, NaN where a value is
-    missing or is text that is not a number; ``text`` marks the latter;
+    missing or is text that is not a number (never a view that may be written
+    to); ``text`` marks the latter (the scalar ``False`` for a numeric array);
     ``integer`` says the values came as integers (or booleans).  Text that
     reads as a number (``'-1'``, ``' 2.5'``) is that number.
     """
     kind = values.dtype.kind
-    if kind in "iub":
-        return values.astype(np.float64), np.zeros(values.shape, dtype=bool), True
-    if kind == "f":
-        return values.astype(np.float64), np.zeros(values.shape, dtype=bool), False
+    if kind in "iubf":
+        return np.asarray(values, dtype=np.float64), np.False_, kind != "f"
     if kind not in "OUS":
         raise ValueError(f"{what} has unsupported dtype {values.dtype}")
     flat = pd.Series(values.ravel(), dtype=object)
@@ -577,8 +576,12 @@ class SubjectBatch:
                 raise ValueError(f"subject {sid!r}: every trial is missing or masked; no trials to fit")
             use.append(u)
 
+        every = [bool(u.all()) for u in use]
+
         def cells(i: int, j: int) -> np.ndarray:
-            """Used trials of subject ``i`` broadcast over field ``j``'s feature axes."""
+            """Used trials of subject ``i`` broadcast over field ``j``'s feature axes (``True`` when all are)."""
+            if every[i]:
+                return np.True_
             a = per_subject[i][j]
             return np.broadcast_to(use[i].reshape(use[i].shape + (1,) * (a.ndim - use[i].ndim)), a.shape)
 
@@ -646,7 +649,7 @@ class SubjectBatch:
                                 "to skip it in the likelihood and keep the trial sequence, or remove the trial")
                     what = ("a missing value (NaN or empty)" if np.isnan(a[pos]) else f"a non-finite value {value!r}")
                     raise ValueError(f"subject {sid!r}: field '{names[j]}' has {what} at {where[i](pos)}{hint}")
-                numbers[i][j] = np.where(u, a, 0.0)
+                numbers[i][j] = a if every[i] else np.where(u, a, 0.0)
         for j in cat_of:  # option codes are integers (fractional codes are left for the model's check to refuse)
             integer[j] = all(bool(np.all(numbers[i][j] == np.round(numbers[i][j]))) for i in range(len(ids)))
         t_max = tuple(int(x) for x in np.max([m.shape for m in real], axis=0))
