@@ -26,26 +26,9 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def _summary(model: EMModel) -> dict:
     """The group summary of a fitted model (everything but the integrated BIC, which may still fail)."""
-    res = model.result
-    lap, lme, good = model.compute_lme()
-    natural_mu = [float(t(v)) for t, v in zip(model.model.param_xform, res.posterior_mu.cpu())]
-    return {
-        "subjects": res.n_subjects,
-        "parameters": res.param_names,
-        "converged": bool(res.convergence),
-        "stopped": bool(getattr(res, "stopped", False)),
-        "em_iterations": res.n_iter,
-        "group_mu_normalized": res.posterior_mu.cpu().tolist(),
-        "group_var_normalized": res.posterior_sigma.cpu().tolist(),
-        "group_mu_natural": natural_mu,
-        "NPL": float(res.NPL.sum()),
-        "LME": lme,
-        "BICint": None,
-        "BICint_nsamples": None,
-        "estep_failed": int((~res.estep_success).sum()),
-        "hessian_not_pd": int((~res.hessian_ok).sum()),
-        "warnings": _warnings(model),
-    }
+    s = model.result.summary()
+    s.update(BICint=None, BICint_nsamples=None, warnings=_warnings(model))
+    return s
 
 
 def _warnings(model: EMModel) -> list[str]:
@@ -111,18 +94,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _subject_table(model: EMModel) -> pd.DataFrame:
-    """One row per subject: natural and normalized parameters, NLL, NPL, Laplace evidence, trials, flags."""
+    """The fit's per-subject table, with the normalized parameters and each subject's number of trials."""
     res = model.result
-    lap, _, _ = model.compute_lme()
-    table = res.params_df()
+    table = res.subject_table()
     for j, name in enumerate(res.param_names):
         table[f"{name}_normalized"] = res.m[:, j].cpu().numpy()
-    table["NLL"] = res.NLL.cpu().numpy()
-    table["NPL"] = res.NPL.cpu().numpy()
-    table["LME_laplace"] = lap
     table["n_trials"] = res.n_obs.cpu().numpy()
-    table["hessian_ok"] = res.hessian_ok.cpu().numpy()
-    table["estep_success"] = res.estep_success.cpu().numpy()
     return table
 
 

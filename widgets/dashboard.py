@@ -56,10 +56,8 @@ def _convergence_text(res) -> str:
 
 
 def _group_table(res, natural: pd.DataFrame) -> pd.DataFrame:
-    """Group mean and SD (normalized), the mean mapped to natural space, and the subjects' natural-space spread."""
-    table = res.group_df().rename(columns={"mu": "mean (normalized)", "sd": "SD (normalized)"})
-    table["mean -> natural"] = [float(t(torch.as_tensor(v, dtype=torch.float64)))
-                                for t, v in zip(res.param_xform, res.posterior_mu.detach().cpu())]
+    """The group's location and SD (normalized), the location in natural space, and the subjects' natural spread."""
+    table = res.group_df()
     table["subjects' mean (natural)"] = natural.mean(0).to_numpy()
     table["subjects' SD (natural)"] = natural.std(0, ddof=1).to_numpy() if len(natural) > 1 else np.nan
     return table
@@ -158,7 +156,7 @@ class FitDashboard(W.VBox):
         self.model_picker = W.Dropdown(options=names, value=names[0], description="model")
         self.fit_all = W.Checkbox(value=False, description="fit every model and compare", indent=False)
         self.max_iter = W.BoundedIntText(value=200, min=1, max=100_000, description="max iter")
-        self.conv_crit = W.BoundedFloatText(value=1e-3, min=0.0, max=1e6, step=1e-3, description="conv. crit")
+        self.conv_crit = W.BoundedFloatText(value=1e-3, min=1e-12, max=1e6, step=1e-3, description="conv. crit")
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         self.device = W.Dropdown(options=devices, value=devices[-1], description="device")
         self.dtype = W.Dropdown(options=list(_DTYPES), value="float64", description="dtype")
@@ -434,12 +432,7 @@ class FitDashboard(W.VBox):
                         "stopped": stopped, "NPL": float(res.NPL.sum()), "LME": float(lme), "iBIC": float(ibic),
                         "hessian_bad": int((~res.hessian_ok).sum()),
                         "estep_failed": int((~res.estep_success).sum()), "warnings": warnings}
-        df = res.params_df()
-        df["NLL"] = res.NLL.detach().cpu().numpy()
-        df["NPL"] = res.NPL.detach().cpu().numpy()
-        df["LME (Laplace)"] = lap
-        df["hessian_ok"] = res.hessian_ok.cpu().numpy()
-        df["estep_success"] = res.estep_success.cpu().numpy()
+        df = res.subject_table()
         self.results_df = df
         self.group_table = _group_table(res, df[em.param_names])
 

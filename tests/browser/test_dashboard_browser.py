@@ -114,7 +114,7 @@ def fit_in_browser(url: str, screenshot: Path) -> list[str]:
             assert table.locator("tbody tr").count() == N_SUBJECTS
             assert table.locator("thead").inner_text().split()[:2] == ["beta", "alpha"]
             text = page.locator(".torchem-dashboard").inner_text()
-            assert "LME (Laplace)" in text and "mean -> natural" in text
+            assert "LME (Laplace)" in text and "mu (natural)" in text
             link = page.locator("a.torchem-download")
             assert link.is_visible() and link.get_attribute("href").startswith("data:text/csv;base64,")
             page.locator(".torchem-dashboard img:visible").first.wait_for(state="visible", timeout=10_000)
