@@ -343,3 +343,13 @@ def test_pseudo_r2_needs_two_options(noptions):
     with pytest.raises(ValueError, match=r"noptions must be an integer >= 2"):
         pseudo_r2(torch.ones(3), torch.full((3,), 10), noptions)
     assert pseudo_r2(torch.ones(3), torch.full((3,), 10), 2) == pytest.approx(1 - 1 / (10 * np.log(2)))
+
+
+def test_recovery_from_a_model_of_recoded_data_simulates_in_the_model_coding():
+    df = _df(n=8, text=False)
+    gappy = df.assign(choice=df["choice"] + 1.0)
+    gappy.loc[3, "choice"] = np.nan
+    model = EMModel(gappy, rw1a1b_fit, first_option=1, missing="skip", **COLS)
+    true = np.column_stack([np.full(8, 5.0), np.full(8, 0.4)])
+    rec = model.recover(true, nblocks=2, ntrials=12, seed=0, fit_kwargs={"mstep_maxit": 3})
+    assert rec["estimated_params"].shape == (8, 2) and rec["fit_result"].n_obs.tolist() == [24] * 8

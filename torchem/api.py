@@ -142,9 +142,10 @@ class EMModel:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype)
+        # how the data are laid out carries over to with_data; how one file codes its values (first_option,
+        # missed trials) does not: simulated data (recover, identify) are in the model's own coding
         self._frame_kwargs = {"subject": subject, "columns": columns, "block": block, "trial": trial,
-                              "input_names": input_names, "categorical": categorical, "missing": missing,
-                              "mask": mask, "first_option": first_option}
+                              "input_names": input_names, "categorical": categorical}
         groups, responses = data_roles(fit_func)
         if categorical is not None:
             groups = [g if isinstance(g, (str, int)) else tuple(g) for g in categorical]
