@@ -160,3 +160,25 @@ def test_outputs_are_written_even_when_the_integrated_bic_fails(tmp_path, capsys
     assert summary["converged"] is False and summary["em_iterations"] == 3 and summary["BICint"] is None
     assert "out of memory" in summary["BICint_error"] and summary["warnings"]
     assert np.isfinite(summary["LME"])
+
+
+def test_an_interrupted_fit_keeps_its_last_iteration(tmp_path, monkeypatch):
+    from torchem.api import EMModel
+
+    df = _bandit_table()
+    path = tmp_path / "d.csv"
+    df.to_csv(path, index=False)
+    fit = EMModel.fit
+
+    def interrupted(self, **kwargs):
+        def callback(state):
+            if state.iteration == 3:
+                raise KeyboardInterrupt
+        return fit(self, callback=callback, **kwargs)
+
+    monkeypatch.setattr("torchem.cli.EMModel.fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(_fit_args(path, "--out", str(tmp_path / "p.csv"), "--summary", str(tmp_path / "s.json")))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["stopped"] is True and summary["converged"] is False and summary["em_iterations"] >= 2
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 6

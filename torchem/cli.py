@@ -130,6 +130,14 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return out, summary
 
 
+def _write_outputs(model: EMModel, out: Path, summary_path: Path) -> dict:
+    """Write the per-subject table and the summary (without the integrated BIC); return the summary."""
+    s = _summary(model)
+    _subject_table(model).to_csv(out)
+    _write_summary(s, summary_path)
+    return s
+
+
 def _write_summary(s: dict, path: Path) -> None:
     with open(path, "w") as fh:
         json.dump(s, fh, indent=1)
@@ -148,11 +156,16 @@ def _fit(args: argparse.Namespace) -> int:
     model = EMModel(df, fit_func, subject=args.subject, columns=columns, block=args.block,
                     trial=False if args.row_order else args.trial, missing=args.missing, mask=args.mask,
                     first_option=args.first_option, device=args.device, dtype=_DTYPES[args.dtype])
-    model.fit(verbose=0 if args.quiet else 1, seed=args.seed, mstep_maxit=args.maxit, group=args.group)
+    try:
+        model.fit(verbose=0 if args.quiet else 1, seed=args.seed, mstep_maxit=args.maxit, group=args.group)
+    except BaseException:  # an error in the model, Ctrl-C: keep the last completed iteration, then stop
+        if model.result is not None:
+            _write_outputs(model, out, summary_path)
+            print(f"torchem: the fit did not finish; its last completed iteration is written to {out} and "
+                  f"{summary_path} (marked stopped)", file=sys.stderr)
+        raise
     # the fit is done: write what it found before anything else can fail
-    s = _summary(model)
-    _subject_table(model).to_csv(out)
-    _write_summary(s, summary_path)
+    s = _write_outputs(model, out, summary_path)
     status = 0
     try:
         _add_bicint(model, s, args.nsamples, args.seed)

@@ -521,7 +521,7 @@ class SubjectBatch:
             raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
         groups = [_resolve_fields([g] if isinstance(g, (str, int, np.integer)) else list(g), names, "categorical")
                   for g in categorical]
-        cat_of = {j: tuple(g) for g in groups for j in g}
+        cat_fields = {j for g in groups for j in g}
         resp = _resolve_fields(list(responses), names, "responses")
         if missing == "skip" and not resp:
             raise ValueError("missing='skip' needs the response fields whose missing value marks a missed trial "
@@ -598,7 +598,7 @@ class SubjectBatch:
                 text = parsed[i][j][1] & cells(i, j)
                 if text.any():
                     pos, value = first(i, j, text)
-                    if j not in cat_of:
+                    if j not in cat_fields:
                         raise ValueError(
                             f"subject {sid!r}: field '{names[j]}' must hold numbers but has the text {value!r} "
                             f"at {where[i](pos)}{_missing_hint(value)}; only fields the model declares "
@@ -650,7 +650,7 @@ class SubjectBatch:
                     what = ("a missing value (NaN or empty)" if np.isnan(a[pos]) else f"a non-finite value {value!r}")
                     raise ValueError(f"subject {sid!r}: field '{names[j]}' has {what} at {where[i](pos)}{hint}")
                 numbers[i][j] = a if every[i] else np.where(u, a, 0.0)
-        for j in cat_of:  # option codes are integers (fractional codes are left for the model's check to refuse)
+        for j in cat_fields:  # option codes are integers (fractional codes are left for the model's check to refuse)
             integer[j] = all(bool(np.all(numbers[i][j] == np.round(numbers[i][j]))) for i in range(len(ids)))
         t_max = tuple(int(x) for x in np.max([m.shape for m in real], axis=0))
         S = len(per_subject)
