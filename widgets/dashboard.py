@@ -57,7 +57,7 @@ def _convergence_text(res) -> str:
 
 def _group_table(res, natural: pd.DataFrame) -> pd.DataFrame:
     """The group's location and SD (normalized), the location in natural space, and the subjects' natural spread."""
-    table = res.group_df()
+    table = res.group_df().rename(columns={"mu": "mu (normalized)", "sd": "sd (normalized)"})
     table["subjects' mean (natural)"] = natural.mean(0).to_numpy()
     table["subjects' SD (natural)"] = natural.std(0, ddof=1).to_numpy() if len(natural) > 1 else np.nan
     return table
