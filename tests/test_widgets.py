@@ -267,7 +267,7 @@ def test_a_fit_that_hits_the_cap_is_shown_as_not_converged(sim):
     _fit(dash, 60)
     assert dash.state == "done" and dash.result.convergence is False and dash.summary["converged"] is False
     assert dash.progress.bar_style == "warning"
-    assert "not converged: EM reached the cap of 3 iterations" in dash.status.value
+    assert "Fit finished: rw1a1b, not converged: " in dash.status.value
     assert "torchem-not-converged" in dash.results_summary.value
     dash.max_iter.value, dash.conv_crit.value = 200, 1.0
     _fit(dash, 120)

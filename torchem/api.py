@@ -17,7 +17,7 @@ from .model import Model, data_roles
 from .options import FitOptions
 from .priors import Prior
 
-__all__ = ["EMModel", "resolve_device", "check_dtype"]
+__all__ = ["EMModel", "resolve_device", "check_dtype", "convergence_text"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -56,6 +56,15 @@ def check_dtype(dtype: torch.dtype) -> torch.dtype:
                          "half precision (float16, bfloat16) has no batched Cholesky and too few digits for "
                          "exact Hessians")
     return dtype
+
+
+def convergence_text(result: FitResult) -> str:
+    """How a fit ended, in words: ``"converged after 20 EM iterations"`` or ``"not converged: <why>"``."""
+    if result.convergence:
+        return f"converged after {result.n_iter} EM iterations"
+    why = getattr(result, "stop_reason", "") or (f"stopped after {result.n_iter} EM iterations" if result.stopped
+                                                 else f"EM reached the cap of {result.n_iter} iterations")
+    return f"not converged: {why}"
 
 
 def _numpy(value: Any) -> Any:
@@ -201,6 +210,12 @@ class EMModel:
     @property
     def param_names(self) -> list[str]:
         return self.model.param_names
+
+    @property
+    def warnings(self) -> list[str]:
+        """What was doubtful about the data (``batch.warnings``) and the last fit (``result.warnings``), each once."""
+        fit = list(getattr(self.result, "warnings", []) or []) if self.result is not None else []
+        return list(dict.fromkeys(list(self.batch.warnings) + fit))
 
     @property
     def fit_func(self) -> Callable:

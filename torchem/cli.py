@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .api import EMModel
+from .api import EMModel, convergence_text
 from .data import parse_columns, read_table
 from .models import MODELS, get_model
 
@@ -27,27 +27,12 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def _summary(model: EMModel) -> dict:
     """The group summary of a fitted model (everything but the integrated BIC, which may still fail)."""
     s = model.result.summary()
-    s.update(BICint=None, BICint_nsamples=None, warnings=_warnings(model))
+    s.update(BICint=None, BICint_nsamples=None, warnings=model.warnings, convergence=convergence_text(model.result))
     return s
 
 
-def _warnings(model: EMModel) -> list[str]:
-    """Warnings about the data and the fit, each once."""
-    found = list(model.batch.warnings) + list(getattr(model.result, "warnings", []) or [])
-    return list(dict.fromkeys(found))
-
-
-def _convergence_line(s: dict) -> str:
-    if s["converged"]:
-        return f"converged after {s['em_iterations']} EM iterations"
-    if s["stopped"]:
-        return f"NOT CONVERGED: stopped after {s['em_iterations']} EM iterations"
-    return (f"NOT CONVERGED: EM reached the cap of {s['em_iterations']} iterations without meeting the "
-            "convergence criterion (raise --maxit; read the estimates with care)")
-
-
 def _print_summary(s: dict, seconds: float | None = None) -> None:
-    print(f"subjects: {s['subjects']}   {_convergence_line(s)}")
+    print(f"subjects: {s['subjects']}   {s['convergence']}")
     table = pd.DataFrame(
         {"mu (normalized)": s["group_mu_normalized"], "sd (normalized)": np.sqrt(s["group_var_normalized"]),
          "mu (natural)": s["group_mu_natural"]},

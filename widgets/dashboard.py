@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from torchem import EMModel, ModelComparison, SubjectBatch
+from torchem.api import convergence_text
 from torchem.em import IterationState
 
 from ._figures import comparison_figure, empty_figure, figure_output, history_figure, recovery_figure
@@ -44,15 +45,6 @@ def _model_name(obj: Any) -> str:
 def _library_models() -> dict[str, Callable]:
     from torchem.models import MODELS
     return dict(MODELS)
-
-
-def _convergence_text(res) -> str:
-    """``"converged"``, or how the fit ended without converging."""
-    if res.convergence:
-        return "converged"
-    if res.stopped:
-        return "stopped early, not converged"
-    return f"not converged: EM reached the cap of {res.n_iter} iterations (raise max iter)"
 
 
 def _group_table(res, natural: pd.DataFrame) -> pd.DataFrame:
@@ -427,7 +419,7 @@ class FitDashboard(W.VBox):
         self._status(f"{html.escape(name)}: computing evidence ...")
         lap, lme, good = em.compute_lme()
         ibic = em.compute_integrated_bic(nsamples=self.ibic_nsamples, seed=0)
-        warnings = list(dict.fromkeys(list(em.batch.warnings) + list(getattr(res, "warnings", []) or [])))
+        warnings = em.warnings
         self.summary = {"model": name, "n_subjects": res.n_subjects, "n_iter": n, "converged": converged,
                         "stopped": stopped, "NPL": float(res.NPL.sum()), "LME": float(lme), "iBIC": float(ibic),
                         "hessian_bad": int((~res.hessian_ok).sum()),
@@ -451,8 +443,8 @@ class FitDashboard(W.VBox):
         figures.append(history_figure(res.history, em.param_names, title=f"{name}: EM history", figsize=(7.5, 3.0)))
         self.results_plot.outputs = tuple(figure_output(f) for f in figures)
 
-        state = _convergence_text(res)
-        lines = [f"<b>{html.escape(name)}</b>: {res.n_subjects} subjects, {n} EM iterations, "
+        state = html.escape(convergence_text(res))
+        lines = [f"<b>{html.escape(name)}</b>: {res.n_subjects} subjects, "
                  + (state if converged else f"<b class='torchem-not-converged' style='color:#a65e00'>{state}</b>"),
                  f"summed NPL {self.summary['NPL']:.3f} &nbsp; LME (Laplace) <b>{lme:.3f}</b> &nbsp; "
                  f"iBIC ({self.ibic_nsamples} samples) <b>{ibic:.3f}</b>"]
@@ -475,8 +467,7 @@ class FitDashboard(W.VBox):
                                     shown.to_html(classes="torchem-results", float_format=lambda v: f"{v:.4f}",
                                                   border=0))
         self.state = "stopped" if stopped else "done"
-        self._status(f"Fit {'stopped' if stopped else 'finished'}: {html.escape(name)}, {n} iterations, "
-                     f"{state}")
+        self._status(f"Fit {'stopped' if stopped else 'finished'}: {html.escape(name)}, {state}")
         self.tabs.selected_index = 1
 
     def _show_error(self, exc: BaseException, name: str) -> None:
