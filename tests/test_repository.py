@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -43,8 +42,8 @@ def _slow_tests() -> list[str]:
 
 def test_the_slow_marker_selects_the_long_studies():
     slow = _slow_tests()
-    assert len(slow) >= 7, slow
-    assert all(re.search(r"recovery|identify", name) for name in slow), slow
+    assert sum("recovery" in name for name in slow) >= 4, slow  # the long studies leave the everyday suite
+    assert sum("identify" in name for name in slow) >= 3, slow
     assert "slow:" in (ROOT / "pyproject.toml").read_text()  # the marker is registered
 
 
