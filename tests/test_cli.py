@@ -182,3 +182,20 @@ def test_an_interrupted_fit_keeps_its_last_iteration(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["stopped"] is True and summary["converged"] is False and summary["em_iterations"] >= 2
     assert len(pd.read_csv(tmp_path / "p.csv")) == 6
+
+
+def test_fit_options_come_from_the_options_dataclass(tmp_path, capsys):
+    """--group, --convergence and the other FitOptions fields reach the fit; bad values stop argparse."""
+    df = pd.read_csv(__import__("pathlib").Path(__file__).parent / "data" / "rw1a1b_100.csv")
+    path = tmp_path / "ref.csv"
+    df[df["subject"] <= 30].to_csv(path, index=False)
+    out = tmp_path / "p.csv"
+    args = ["fit", str(path), "--model", "rw1a1b", "--columns", "choice,reward", "--block", "block", "--device",
+            "cpu", "--quiet", "--nsamples", "50", "--out", str(out)]
+    assert main(args + ["--group", "student_t", "--df", "5", "--convergence", "npl", "--accelerate", "none"]) == 0
+    summary = json.loads((tmp_path / "ref_rw1a1b_summary.json").read_text())
+    assert summary["group"] == "student_t" and summary["stop_reason"].startswith("npl rule met")
+    for bad in (["--group", "weibull"], ["--convergence", "sometimes"], ["--laplace-cap", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args + bad)
+        assert exit_info.value.code == 2

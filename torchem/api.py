@@ -248,11 +248,12 @@ class EMModel:
         """An unfitted copy of this model (likelihood, names, transforms, simulator, device, dtype) on ``data``.
 
         ``data`` is taken like ``all_data`` in the constructor; DataFrame and
-        list options default to this model's (override them by keyword).
+        list options, ``device`` and ``dtype`` default to this model's
+        (override them by keyword).
         """
-        kwargs = {**self._frame_kwargs, **frame_kwargs}
+        kwargs = {"device": self.device, "dtype": self.dtype, **self._frame_kwargs, **frame_kwargs}
         return EMModel(data, self.model.fit_func, self.param_names, self.model.param_xform, self.simulate_func,
-                       per_subject=self.model.per_subject, device=self.device, dtype=self.dtype, **kwargs)
+                       per_subject=self.model.per_subject, **kwargs)
 
     # ------------------------------------------------------------------- fit
     def fit(self, *, verbose: int = 1, callback: Callable[[IterationState], Any] | None = None,

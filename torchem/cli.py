@@ -18,6 +18,7 @@ import torch
 from .api import EMModel, convergence_text
 from .data import parse_columns, read_table
 from .models import MODELS, get_model
+from .options import add_arguments, options_from_args
 
 __all__ = ["main", "parse_columns"]
 
@@ -129,6 +130,7 @@ def _write_summary(s: dict, path: Path) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    options = options_from_args(args, seed=args.seed)  # bad option values are refused before any work
     out, summary_path = _output_paths(args)
     fit_func = get_model(args.model)
     if args.first_option and not fit_func.categorical:
@@ -142,7 +144,7 @@ def _fit(args: argparse.Namespace) -> int:
                     trial=False if args.row_order else args.trial, missing=args.missing, mask=args.mask,
                     first_option=args.first_option, device=args.device, dtype=_DTYPES[args.dtype])
     try:
-        model.fit(verbose=0 if args.quiet else 1, seed=args.seed, mstep_maxit=args.maxit, group=args.group)
+        model.fit(verbose=0 if args.quiet else 1, options=options)
     except BaseException:  # an error in the model, Ctrl-C: keep the last completed iteration, then stop
         if model.result is not None:
             _write_outputs(model, out, summary_path)
@@ -250,8 +252,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip: a missing (empty/NaN) choice marks a missed trial, skipped in the likelihood in its "
                         "place (models that define skipped trials)")
     f.add_argument("--mask", help="column that is 1 on trials to use and 0 on missed trials to skip")
-    f.add_argument("--group", default="diag", choices=["diag", "full"], help="group covariance")
-    f.add_argument("--maxit", type=_positive, default=800, help="maximum EM iterations")
+    add_arguments(f)
     f.add_argument("--out", help="per-subject table (CSV; default <data>_<model>_params.csv); parent folders "
                                  "are created")
     f.add_argument("--summary", help="group summary (JSON; default <data>_<model>_summary.json)")

@@ -21,6 +21,8 @@ import pandas as pd
 import torch
 
 from torchem import EMModel, ModelComparison, SubjectBatch
+from torchem.groups import FAMILIES
+from torchem.options import FitOptions
 from torchem.api import convergence_text
 from torchem.em import IterationState
 
@@ -153,7 +155,8 @@ class FitDashboard(W.VBox):
         self.device = W.Dropdown(options=devices, value=devices[-1], description="device")
         self.dtype = W.Dropdown(options=list(_DTYPES), value="float64", description="dtype")
         self.seed = W.IntText(value=0, description="seed")
-        self.group = W.Dropdown(options=["diag", "full"], value="diag", description="group cov")
+        self.group = W.Dropdown(options=sorted(FAMILIES), value="gaussian", description="group",
+                                tooltip=FitOptions.__dataclass_fields__["group"].metadata["help"])
         self.fit_button = W.Button(description="Fit", button_style="success")
         self.stop_button = W.Button(description="Stop", button_style="danger", disabled=True)
         self.progress = W.IntProgress(value=0, min=0, max=self.max_iter.value, description=f"EM 0/{self.max_iter.value}",
@@ -241,10 +244,8 @@ class FitDashboard(W.VBox):
             if data is None and cand.device == torch.device(device) and cand.dtype == dtype:
                 cand.result = None
                 return cand
-            m = cand.model
-            return EMModel(cand.batch if data is None else data, m.fit_func, m.param_names, m.param_xform,
-                           m.simulate_func, per_subject=m.per_subject, device=device, dtype=dtype,
-                           **(self._data_kwargs if isinstance(data, pd.DataFrame) else {}))
+            return cand.with_data(cand.batch if data is None else data, device=device, dtype=dtype,
+                                  **(self._data_kwargs if isinstance(data, pd.DataFrame) else {}))
         if data is None:
             raise ValueError("no data: load a CSV in the Data tab (or pass data=...)")
         kw = self._kwargs_for(name)
