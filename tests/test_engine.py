@@ -60,6 +60,20 @@ def test_family_recovers_its_own_generating_distribution(family, draw):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("family,estep,draw,loc", [
+    ("laplace", "importance", lambda rng, n: rng.laplace(0.0, 0.5, n), [0.5, -0.5]),
+])
+def test_heavy_tailed_families_recover_their_own_location(family, estep, draw, loc):
+    rng = np.random.default_rng(11)
+    norm = np.column_stack([draw(rng, 150), draw(rng, 150)]) + np.array(loc)
+    norm = norm.clip(-6, 6)
+    res = EMModel(_simulate(norm, 12), rw1a1b_fit, device="cpu").fit(verbose=0, group=family, estep=estep,
+                                                                       nsamples=500)
+    assert res.convergence and res.group_name == family
+    np.testing.assert_allclose(res.posterior_mu.numpy(), loc, atol=0.2)
+
+
 def test_robust_groups_resist_gross_outliers():
     """200 subjects from N(mu, 0.5^2) with 5% at +-4: the robust locations stay nearer the inliers' mean."""
     rng = np.random.default_rng(21)

@@ -324,6 +324,7 @@ class EMRun:
         self.estep_kind = "laplace"
         self.bar = None
         self._probed: dict[int, int] = {}
+        self._mstep_ok = True
 
     # ---------------------------------------------------------- named steps
     def estep(self, prior: Prior, step: str, nsamples: int | None = None,
@@ -336,6 +337,7 @@ class EMRun:
     def mstep(self, post: PosteriorMoments, current: Prior) -> Prior:
         """The family re-estimated from ``post``; an invalid M-step keeps ``current`` (with a warning)."""
         new, info = self.family.mstep(post.m, post.V)
+        self._mstep_ok = info.converged
         if not info.converged:
             self._warn(info.message)
         new = self._newton_locations(new)
@@ -378,7 +380,7 @@ class EMRun:
         row.update({f"mu[{n}]": v for n, v in zip(names, group.mean.tolist())})
         row.update({f"sigma[{n}]": v for n, v in zip(names, group.var.tolist())})
         row.update({"estep_failed": int((~post.estep_success).sum()), "hessian_bad": int((~post.hessian_ok).sum()),
-                    "laplace_capped": int(post.capped.sum()), "rule": rule_text})
+                    "laplace_capped": int(post.capped.sum()), "mstep_converged": self._mstep_ok, "rule": rule_text})
         if extra:
             row.update(extra)
         self.rows.append(row)
