@@ -11,7 +11,8 @@ history and the result.
   ``L`` changes by ``d = L(b) - L(a)`` over the step; with the linear rate
   ``r = |c - b| / |b - a|`` of the group hyperparameters (the largest of the
   last three steps' rates, at most 0.99), the remaining change to the fixed
-  point is about ``|d| / (1 - r)`` (Aitken).  Converged when that
+  point is about ``|d| / (1 - r)`` (Aitken); converged when that projection
+  stays below ``crit`` for two steps in a row.  Converged when that
   projection is below ``crit``.  Unlike a bare ``|d| < crit`` it does not stop
   a slowly crawling EM far from its fixed point, and unlike the NPL it has a
   finite limit when a group variance shrinks towards 0.
@@ -72,14 +73,18 @@ class LMERule:
 
     crit: float = 1e-3
     name: str = "lme"
+    window: int = 2
     rates: list = field(default_factory=list)
+    projections: list = field(default_factory=list)
 
     def update(self, step: EMStep) -> tuple[bool, str]:
         d = step.lme_b - step.lme_a
         self.rates.append(_rate(step))
         rate = max(self.rates[-3:])
         projected = abs(d) / (1.0 - rate)
-        return projected < self.crit, f"LME change {d:+.3g}, rate {rate:.3f}, projected remaining {projected:.3g}"
+        self.projections.append(projected)
+        met = len(self.projections) >= self.window and max(self.projections[-self.window:]) < self.crit
+        return met, f"LME change {d:+.3g}, rate {rate:.3f}, projected remaining {projected:.3g}"
 
 
 @dataclass
