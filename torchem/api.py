@@ -10,10 +10,13 @@ import torch
 
 from . import evidence, plotting
 from .data import SubjectBatch
-from .em import FitResult, IterationState, neg_log_posterior, run_em
-from .groups import GaussianGroup
-from .importance import importance_sample, pairs_per_call
+from .em import EMRun, FitResult, IterationState
+from .estep import importance_draws, neg_log_posterior
+from .importance import pairs_per_call
+from .individual import fit_individual
 from .model import Model
+from .options import FitOptions
+from .priors import Prior
 from .recovery import parameter_recovery
 
 __all__ = ["EMModel", "resolve_device"]
@@ -97,6 +100,8 @@ class EMModel:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = dtype
+        self._frame_kwargs = {"subject": subject, "columns": columns, "block": block, "trial": trial,
+                              "input_names": input_names}
         self.all_data = all_data
         self.result: FitResult | None = None
         self._outfit: tuple[FitResult, dict] | None = None
@@ -147,29 +152,84 @@ class EMModel:
         """Take ``other``'s data and fit (a simulation-only model after recover/identify)."""
         self.all_data, self.batch, self.result = other.all_data, other.batch, other.result
 
+    @staticmethod
+    def _prior_of(res: FitResult) -> Prior:
+        if res.group is None:
+            raise ValueError("this result has no group distribution or prior (an individual maximum-likelihood "
+                             "fit): fit hierarchically, or fit_individual(prior=...)")
+        return res.group
+
+    def with_data(self, data: Sequence[Sequence[Any]] | pd.DataFrame | SubjectBatch,
+                  **frame_kwargs: Any) -> "EMModel":
+        """An unfitted copy of this model (likelihood, names, transforms, simulator, device, dtype) on ``data``.
+
+        ``data`` is taken like ``all_data`` in the constructor; DataFrame and
+        list options default to this model's (override them by keyword).
+        """
+        kwargs = {**self._frame_kwargs, **frame_kwargs}
+        return EMModel(data, self.model.fit_func, self.param_names, self.model.param_xform, self.simulate_func,
+                       per_subject=self.model.per_subject, device=self.device, dtype=self.dtype, **kwargs)
+
     # ------------------------------------------------------------------- fit
-    def fit(self, *, verbose: int = 1, seed: int | None = 0, callback: Callable[[IterationState], Any] | None = None,
-            njobs: int | None = None, **options: Any) -> FitResult:
+    def fit(self, *, verbose: int = 1, callback: Callable[[IterationState], Any] | None = None,
+            njobs: int | None = None, options: FitOptions | None = None, **kwargs: Any) -> FitResult:
         """Fit by hierarchical EM with batched MAP E-steps.
 
         Parameters
         ----------
         verbose : int
-            1 shows a tqdm bar with the iteration and NPL; 0 is silent.
-        seed : int or None
-            Seed of starting points, restarts and importance draws; the same
-            seed on the same device gives identical results.
+            1 shows a tqdm bar with the E-step and NPL; 0 is silent.
         callback : callable, optional
-            ``callback(IterationState)`` after every iteration; returning
+            ``callback(IterationState)`` after every E-step; returning
             ``False`` stops and keeps the partial result.
         njobs : int, optional
             Accepted for pyEM compatibility and ignored: all subjects run as one batch.
-        **options
-            Any option of :func:`torchem.em.run_em`: ``group`` ("diag"/"full"),
-            ``mstep_maxit``, ``convergence_crit``, ``max_restarts``,
-            ``estep_maxit``, ``gtol``, ``estep`` ("laplace"/"importance"),
-            ``nsamples``, ``final_nsamples``, ``proposal_df``, ``min_ess``,
-            ``group_tol``, ``hessian_chunk``.
+        options : FitOptions, optional
+            Every option at once; or give them as keywords.
+        **kwargs
+            Any field of :class:`torchem.options.FitOptions` (``group`` /
+            pyEM's ``mstep``, ``prior``, ``prior_mu``/``prior_sigma``,
+            ``convergence``, ``convergence_method``, ``convergence_custom``,
+            ``convergence_precision``, ``accelerate``, ``mstep_maxit``,
+            ``seed``, ``estep``, ...).  Bad values raise ``ValueError`` before
+            any work.
+
+        Returns
+        -------
+        FitResult
+            Also kept as ``self.result``.  If the fit raises partway (an
+            error in the model, ``KeyboardInterrupt``), ``self.result`` holds
+            the last completed E-step's result marked ``stopped`` (or
+            ``None``), and the exception propagates.
+        """
+        opts = FitOptions(**kwargs) if options is None else options
+        if options is not None and kwargs:
+            raise ValueError("give options either as a FitOptions or as keywords, not both")
+        self._require_data()
+        self.result = None  # a failed refit never leaves the previous result looking current
+        run = EMRun(self.model, self.batch, opts, verbose=verbose, callback=callback)
+        try:
+            self.result = run.run()
+        except BaseException as exc:
+            partial = run.partial_result()
+            if partial is not None:
+                partial.stopped = True
+                partial.stop_reason = f"interrupted by {type(exc).__name__} after E-step {partial.n_iter}"
+                partial.warnings.append(f"the fit did not finish ({type(exc).__name__}: {exc}); this is the "
+                                        "result of the last completed E-step")
+            self.result = partial
+            raise
+        return self.result
+
+    def fit_individual(self, prior: Prior | None = None, nstarts: int = 10, seed: int | None = 0,
+                       maxit: int = 500, gtol: float = 1e-7) -> FitResult:
+        """Fit every subject on its own: maximum likelihood, or MAP under a fixed ``prior``.
+
+        One batched L-BFGS runs all subjects and ``nstarts`` random starts per
+        subject as extra rows and keeps each subject's best; exact Hessians
+        give the standard errors (``result.standard_errors()``).  Subjects
+        whose Hessian is not positive definite (a parameter running to the
+        edge of its range) are flagged with NaN standard errors.
 
         Returns
         -------
@@ -177,8 +237,14 @@ class EMModel:
             Also kept as ``self.result``.
         """
         self._require_data()
-        self.result = run_em(self.model, self.batch, verbose=verbose, seed=seed, callback=callback, **options)
+        self.result = None
+        self.result = fit_individual(self.model, self.batch, prior, nstarts=nstarts, seed=seed, maxit=maxit,
+                                     gtol=gtol)
         return self.result
+
+    def scipy_minimize(self, seed: int | None = 0, prior: Prior | None = None, nstarts: int = 10) -> FitResult:
+        """pyEM's name for :meth:`fit_individual` (no scipy involved: one batched L-BFGS)."""
+        return self.fit_individual(prior=prior, nstarts=nstarts, seed=seed)
 
     # ------------------------------------------------------------ accessors
     def get_outfit(self) -> dict[str, np.ndarray]:
@@ -207,9 +273,17 @@ class EMModel:
         return self._outfit[1]
 
     def posterior(self) -> dict[str, np.ndarray]:
-        """pyEM's group posterior: ``{"mu": (P,), "sigma": (P,)}``, mean and variances (normalized space)."""
+        """pyEM's posterior: ``{"mu", "sigma"}`` (normalized space).
+
+        After a hierarchical fit: the group location and variances ``(P,)``.
+        After an individual fit without a prior (:meth:`fit_individual`), as
+        pyEM's ``scipy_minimize``: each subject's estimate and the diagonal of
+        its inverse Hessian, ``(S, P)`` (subjects first).
+        """
         res = self._fitted()
-        return {"mu": _numpy(res.posterior_mu), "sigma": _numpy(res.posterior_sigma)}
+        if res.group is None:
+            return {"mu": _numpy(res.m), "sigma": _numpy(res.inv_h.diagonal(dim1=-2, dim2=-1))}
+        return {"mu": _numpy(res.posterior_mu), "sigma": _numpy(res.posterior_var)}
 
     def subject_params(self) -> pd.DataFrame:
         """Natural-space MAP parameters per subject (same as ``result.params_df()``)."""
@@ -264,11 +338,9 @@ class EMModel:
             se = torch.zeros_like(lap)
             good = res.hessian_ok
         elif method == "importance":
-            fun = neg_log_posterior(self.model, self.batch, GaussianGroup(res.posterior_mu, res.posterior_cov))
-            gen = torch.Generator()
-            gen.manual_seed(0 if seed is None else int(seed))
-            isr = importance_sample(lambda th, i: -fun(th, i), res.m, res.inv_h, nsamples, gen,
-                                    chunk=pairs_per_call(self.batch.mask[0].numel(), self.device))
+            fun = neg_log_posterior(self.model, self.batch, self._prior_of(res))
+            isr = importance_draws(fun, res.m, res.inv_h, nsamples, 0 if seed is None else int(seed), 5.0, 0.0,
+                                   pairs_per_call(self.batch.mask[0].numel(), self.device))
             lap, se, good = isr.log_evidence, isr.log_evidence_se, res.hessian_ok & (isr.ess >= min_ess)
         else:
             raise ValueError(f"method must be 'laplace' or 'importance', got {method!r}")
@@ -284,7 +356,7 @@ class EMModel:
         that stays in cache on a CPU and fills a GPU).
         """
         res = self._fitted()
-        grp = GaussianGroup(res.posterior_mu, res.posterior_cov)
+        grp = self._prior_of(res)
         gen = torch.Generator()
         gen.manual_seed(0 if seed is None else int(seed))
         data, mask = self.batch.data, self.batch.mask
@@ -317,7 +389,7 @@ class EMModel:
         ilog = self.integrated_log_likelihood(nsamples, seed, max_elements)
         P = res.n_params
         if convention == "huys":
-            k = 2 * P if res.group == "diag" else P + P * (P + 1) // 2
+            k = getattr(res.group, "n_hyper", 2 * P)
             return evidence.integrated_bic(ilog, k, int(res.n_obs.sum()))
         if convention == "pyem":
             return evidence.integrated_bic(ilog, P, int(res.n_obs[0]))
@@ -387,9 +459,7 @@ class EMModel:
             if missing:
                 raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
             all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
-            twin = EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform,
-                           self.simulate_func, per_subject=self.model.per_subject, input_names=keys,
-                           device=self.device, dtype=self.dtype)
+            twin = self.with_data(all_data, input_names=keys)
             result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
             rec = parameter_recovery(true_params, result.natural_params().detach().cpu().numpy())
             estimates.append(rec.est_params)

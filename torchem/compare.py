@@ -199,10 +199,7 @@ class ModelComparison:
                 all_data = [[sim[k][i] for k in keys] for i in range(nsubjects)]
                 batch = None
                 for est_name, est_model in zip(self.names, self.models):
-                    twin = EMModel(batch if batch is not None else all_data, est_model.model.fit_func,
-                                   est_model.param_names, est_model.model.param_xform, est_model.simulate_func,
-                                   per_subject=est_model.model.per_subject, input_names=keys,
-                                   device=est_model.device, dtype=est_model.dtype)
+                    twin = est_model.with_data(batch if batch is not None else all_data, input_names=keys)
                     batch = twin.batch  # validated and on the device: shared by the other fits
                     twin.fit(**{"verbose": 0, "seed": sim_seed, **(fit_kwargs or {})})
                     score = _score(twin, bic, int(r2.get("noptions", 2)), r2.get("metric", "median"))
