@@ -348,15 +348,16 @@ class EMModel:
         return out + (_numpy(se),) if return_se else out
 
     def integrated_log_likelihood(self, nsamples: int = 2000, seed: int | None = 0,
-                                  max_elements: int | None = None) -> torch.Tensor:
+                                  max_elements: int | None = None, group: Prior | None = None) -> torch.Tensor:
         """``(S,)`` Monte Carlo ``log E_group[p(D_i | theta)]`` with ``nsamples`` draws per subject.
 
         All draws of all subjects are evaluated as batched likelihood calls,
         chunked to about ``max_elements`` trial cells each (default: a size
-        that stays in cache on a CPU and fills a GPU).
+        that stays in cache on a CPU and fills a GPU).  ``group``: draw from
+        this distribution instead of the fitted group (no fit needed then).
         """
-        res = self._fitted()
-        grp = self._prior_of(res)
+        self._require_data()
+        grp = self._prior_of(self._fitted()) if group is None else group.to(self.device, self.dtype)
         gen = torch.Generator()
         gen.manual_seed(0 if seed is None else int(seed))
         data, mask = self.batch.data, self.batch.mask
@@ -366,7 +367,7 @@ class EMModel:
         def nll_fn(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return self.model.nll(theta, tuple(d[idx] for d in data), mask[idx])
 
-        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), res.n_subjects,
+        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), len(self.batch),
                                                   nsamples, chunk)
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
