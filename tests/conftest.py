@@ -30,8 +30,8 @@ torch.set_num_threads(1)
 from torchem import EMModel, SubjectBatch  # noqa: E402
 from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate, rw2a1b_simulate  # noqa: E402
 
-#: ``shared/reference`` next to the repository checkout.
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+#: Reference outputs of other tools (copied from the project's shared reference folder; see its README).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
 REFERENCE_FILES = ("rw1a1b_100.csv", "rw1a1b_100_pyem.json", "rw1a1b_100_true.csv")
 
 
@@ -110,8 +110,7 @@ def lists_to_dataframe(all_data, subject_ids=None) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not reference_available():
-        pytest.skip(f"reference data not found in {REFERENCE_DIR} (expected {', '.join(REFERENCE_FILES)} "
-                    "in shared/reference next to the repository checkout)")
+        pytest.skip(f"reference data not found in {REFERENCE_DIR} (expected {', '.join(REFERENCE_FILES)})")
     return REFERENCE_DIR
 
 
