@@ -370,6 +370,26 @@ def test_registry_hook_gives_new_models_bundles(monkeypatch):
     assert module.coin_model.desc.startswith("A coin with bias theta.") and "theta (norm2alpha)" in module.coin_model.desc
 
 
+def test_ddm_bundles_agree_with_pyem_nll():
+    """pyEM's ``ddm4_model`` / ``ddm4_lotto_model`` (from the registry hook) on pyEM 1.0.1's whole-model NLLs."""
+    ddm = pytest.importorskip("torchem.models.ddm", reason="the DDM models are not in this checkout")
+    path = DATA / "ddm_pyem_reference.json"
+    if not path.is_file():
+        pytest.skip("tests/data/ddm_pyem_reference.json comes with the DDM models")
+    with open(path) as fh:
+        ref = json.load(fh)
+    for name, case in ref["models"].items():
+        bundle = getattr(ddm, f"{name}_model")
+        assert bundle.id == name and bundle.sim is getattr(ddm, f"{name}_sim")
+        assert bundle.spec["inputs"] == case["columns"]
+        n = len(case["data"]["rt"])
+        model = EMModel([[np.asarray(case["data"][c][s]) for c in case["columns"]] for s in range(n)], bundle.fit)
+        for entry in case["nll"]:
+            x = torch.tensor([entry["params_normalized"]] * n, dtype=torch.float64)
+            nll = model.model.nll(x, model.batch.data, model.batch.mask)[entry["subject"]]
+            assert float(nll) == pytest.approx(entry["nll"], rel=1e-6, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------- model-specific names
 def test_pt_value_and_weight():
     from torchem.models.pt import pt_fit, pt_value, pt_weight
