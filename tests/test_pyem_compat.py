@@ -112,7 +112,8 @@ def test_calc_bicint_reference_set(reference, reference_emfit):
     assert abs(np.mean(values) - ref["BICint_pyem_convention"]) < 8.0
     # the same draws as EMModel.compute_integrated_bic with pyEM's penalty, and n defaults to one subject's trials
     model = out["model"]
-    assert values[0] == pytest.approx(model.compute_integrated_bic(500, seed=0, convention="pyem"), abs=1e-8)
+    assert values[0] == pytest.approx(model.compute_integrated_bic(nsamples=500, func_output="all", nll_key="nll",
+                                                                   convention="pyem"), abs=1e-8)
     moved = calc_BICint(all_data, ["beta", "alpha"], mu, sigma, rw1a1b_fit, nsamples=500, seed=0, ntrials_total=200)
     assert moved - values[0] == pytest.approx(2 * (np.log(200) - np.log(96)), abs=1e-8)
 

@@ -371,7 +371,8 @@ class EMModel:
                                                   nsamples, chunk)
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
-                               max_elements: int | None = None) -> float:
+                               max_elements: int | None = None, func_output: str = "all",
+                               nll_key: str = "nll") -> float:
         """Integrated BIC (lower is better).
 
         Parameters
@@ -385,6 +386,8 @@ class EMModel:
             group-level parameters (``2P`` for a diagonal Gaussian) and ``N``
             all observations.  ``"pyem"``: pyEM's penalty ``P log n`` with
             ``n`` the trials of one subject, for comparing with pyEM numbers.
+        func_output, nll_key : str
+            pyEM's arguments, accepted and not needed (the likelihood is evaluated directly).
         """
         res = self._fitted()
         ilog = self.integrated_log_likelihood(nsamples, seed, max_elements)
