@@ -5,6 +5,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["plot_scatter", "plot_recovery", "plot_history", "plot_matrix", "plot_choices"]
 
@@ -148,7 +149,7 @@ def plot_matrix(table, title: str = "", xlabel: str = "", ylabel: str = "", ax=N
     return fig
 
 
-def plot_choices(choices_A, filename: str | None = None, ax=None):
+def plot_choices(choices_A: ArrayLike, filename: str | None = None, ax=None):  # noqa: N803 - pyEM's name
     """Choice frequency of each option over trials, averaged over blocks and subjects (pyEM's ``plot_choices``).
 
     Parameters

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["RecoveryResult", "parameter_recovery"]
 
@@ -27,7 +28,7 @@ class RecoveryResult:
     est_params: np.ndarray
 
 
-def parameter_recovery(true_params, est_params) -> RecoveryResult:
+def parameter_recovery(true_params: ArrayLike, est_params: ArrayLike) -> RecoveryResult:
     """Pearson r and RMSE per parameter between ``true_params`` and ``est_params``, both ``(S, P)``.
 
     Raises

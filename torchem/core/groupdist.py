@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .. import groups
 
@@ -42,7 +43,7 @@ class _PyEMGroup:
                  "hyper": {"loc": np.asarray(hyper["loc"], float), "scale": np.asarray(hyper["scale"], float)}}
         return groups.group_from_state(state, dtype=torch.float64)
 
-    def update(self, m, inv_h) -> Any:
+    def update(self, m: ArrayLike, inv_h: ArrayLike) -> Any:
         """The M-step from MAPs ``m`` ``(P, S)`` and inverse Hessians ``inv_h`` ``(P, P, S)``."""
         mt = torch.as_tensor(np.asarray(m, dtype=float)).T.contiguous()
         V = torch.as_tensor(np.asarray(inv_h, dtype=float)).permute(2, 0, 1).contiguous()

@@ -47,8 +47,11 @@ Cumulative representation of uncertainty. *Journal of Risk and Uncertainty*,
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import norm2alpha, norm2beta
@@ -75,7 +78,7 @@ def _on_arrays(fn, x, *args):
     return float(out) if np.ndim(x) == 0 else out.numpy()
 
 
-def pt_value(x, alpha, beta, lam):
+def pt_value(x: ArrayLike | torch.Tensor, alpha: Any, beta: Any, lam: Any) -> np.ndarray | torch.Tensor | float:
     r"""Prospect-theory value: :math:`v(x) = x^\alpha` for :math:`x \ge 0`, :math:`-\lambda (-x)^\beta` below 0.
 
     Elementwise.  Tensors in: a tensor out, differentiable in every argument;
@@ -86,7 +89,7 @@ def pt_value(x, alpha, beta, lam):
     return _on_arrays(_value, x, alpha, beta, lam)
 
 
-def pt_weight(p, gamma):
+def pt_weight(p: ArrayLike | torch.Tensor, gamma: Any) -> np.ndarray | torch.Tensor | float:
     r"""Probability weighting :math:`w(p) = p^\gamma / (p^\gamma + (1 - p)^\gamma)^{1/\gamma}` (TK 1992).
 
     Elementwise, with :math:`w(0) = 0` and :math:`w(1) = 1`.  Tensors in: a

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .. import evidence
 from ..priors import GaussianPrior
@@ -20,7 +21,7 @@ from ..priors import GaussianPrior
 __all__ = ["calc_LME", "calc_BICint", "pseudo_r2_from_nll"]
 
 
-def calc_LME(inv_h, NPL) -> tuple[np.ndarray, float, np.ndarray]:  # noqa: N802, N803 - pyEM's names
+def calc_LME(inv_h: ArrayLike, NPL: ArrayLike) -> tuple[np.ndarray, float, np.ndarray]:  # noqa: N802, N803
     """Laplace log model evidence per subject and in total, from inverse Hessians (pyEM's layout).
 
     Parameters
@@ -58,7 +59,8 @@ def calc_LME(inv_h, NPL) -> tuple[np.ndarray, float, np.ndarray]:  # noqa: N802,
     return lap.numpy(), evidence.total_lme(lap, P), good.double().numpy()
 
 
-def calc_BICint(all_data: Any, param_names: Sequence[str] | None, mu, sigma, fit_func: Callable,  # noqa: N802
+def calc_BICint(all_data: Any, param_names: Sequence[str] | None, mu: ArrayLike, sigma: ArrayLike,  # noqa: N802
+                fit_func: Callable,
                 nsamples: int = 2000, func_output: str = "all", nll_key: str = "nll",
                 ntrials_total: int | None = None, njobs: int | None = None, seed: int | None = 0,
                 device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float64) -> float:
@@ -112,7 +114,7 @@ def calc_BICint(all_data: Any, param_names: Sequence[str] | None, mu, sigma, fit
     return evidence.integrated_bic(ilog[finite], len(mu), n)
 
 
-def pseudo_r2_from_nll(nll, ntrials_total, noptions: int, metric: str = "median") -> float:
+def pseudo_r2_from_nll(nll: ArrayLike, ntrials_total: ArrayLike, noptions: int, metric: str = "median") -> float:
     """pyEM's pseudo-R²: ``1 - NLL / (n log noptions)``, pooled over subjects by the median (or mean).
 
     Parameters
