@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     base = baseline_em(choices[:nb], rewards[:nb], np.random.default_rng(args.seed), objective=pyem_style_npl)
     tb = (time.perf_counter() - t0) * S / nb
     rows.append({"form": "baseline: rw_fit_numpy + scipy BFGS per subject (1 core)"
-                 + (f", scaled x{S / nb:g}" if nb < S else ""), "wall s": tb, "EM iterations": base["n_iter"],
+                 + (f", scaled x{S / nb:g}" if nb < S else "")
+                 + ("" if base["converged"] else ", NOT converged"), "wall s": tb, "EM iterations": base["n_iter"],
                  "mu": base["mu"], "var": base["sigma"], "summed NPL": base["npl"] if nb == S else np.nan,
                  "max abs(MAP - pyEM MAP)": float(np.abs(base["m"] - pyem_m[:nb]).max())})
     print(f"baseline {tb:.1f} s", flush=True)
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {t:.2f} s", flush=True)
     load1 = os.getloadavg()[0]
     for r in rows:
+        r["s per EM iteration"] = f"{r['wall s'] / r['EM iterations']:.3f}" if r["EM iterations"] else ""
         r["speed-up vs baseline"] = f"{tb / r['wall s']:.1f}x"
         r["wall s"] = f"{r['wall s']:.2f}"
         r["mu"] = ", ".join(f"{v:+.4f}" for v in r["mu"])
