@@ -190,6 +190,7 @@ class LaplaceEStep:
                        for lo in range(0, n, c)])
         nlprior = prior.neg_log_prior(x, idx)
         lik = (npl - nlprior, grad - prior.grad(x, idx), H - prior.hessian(x, idx))
+        H = lik[2] + prior.curvature(x, idx)
         if self.lik is None:
             S, P = self.x.shape
             self.lik = (torch.zeros(S, dtype=x.dtype, device=x.device), torch.zeros_like(self.x),

@@ -208,7 +208,11 @@ class LaplaceGroup(LaplacePrior, GroupFamily):
 
     def initial(self, n_params, var, *, dtype, device):
         loc = torch.zeros(n_params, dtype=dtype, device=device)
-        return LaplaceGroup(loc, torch.full((n_params,), math.sqrt(var / 2.0), dtype=dtype, device=device))
+        return LaplaceGroup(loc, torch.full((n_params,), math.sqrt(var / 2.0), dtype=dtype, device=device),
+                            self.smooth)
+
+    def config(self):
+        return {"smooth": self.smooth}
 
     def raw_hyper(self):
         return {"loc": self.loc, "scale": self.scale}
@@ -225,7 +229,7 @@ class LaplaceGroup(LaplacePrior, GroupFamily):
 
     def from_vector(self, v):
         P = self.n_params
-        return LaplaceGroup(v[:P], v[P:].exp().clamp_min(1e-12))
+        return LaplaceGroup(v[:P], v[P:].exp().clamp_min(1e-12), self.smooth)
 
     def mstep(self, m, V, weights=None):
         w = _weights(m, weights)[:, None]
@@ -239,7 +243,7 @@ class LaplaceGroup(LaplacePrior, GroupFamily):
             hi = torch.where(slope < 0, hi, mid)
         loc = 0.5 * (lo + hi)
         scale = (w * _folded_abs_dev(m - loc, s)).sum(0).clamp_min(1e-12)
-        return LaplaceGroup(loc, scale), MStepInfo()
+        return LaplaceGroup(loc, scale, self.smooth), MStepInfo()
 
 
 @dataclass(repr=False)
@@ -390,7 +394,7 @@ def group_from_state(state: dict[str, Any], *, device=None, dtype=None) -> Group
     if name == "gaussian":
         return GaussianGroup(hyp["mu"], hyp["sigma"], diagonal=bool(cfg.get("diagonal", True)))
     if name == "laplace":
-        return LaplaceGroup(hyp["loc"], hyp["scale"])
+        return LaplaceGroup(hyp["loc"], hyp["scale"], float(cfg.get("smooth", 1e-3)))
     if name == "student_t":
         return StudentTGroup(hyp["loc"], hyp["scale"], float(cfg["df"]), int(cfg.get("max_iter", 100)))
     if name == "cauchy":

@@ -79,6 +79,10 @@ class Prior:
         """``(S, P, P)`` Hessian of :meth:`neg_log_prior` at ``x``."""
         raise NotImplementedError
 
+    def curvature(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``(S, P, P)`` prior curvature used for the Laplace posterior at a MAP ``x`` (default: :meth:`hessian`)."""
+        return self.hessian(x, idx)
+
     def sample(self, n: int, generator: torch.Generator | None = None,
                idx: torch.Tensor | None = None) -> torch.Tensor:
         """``(n, P)`` draws; the random stream comes from ``generator`` on the CPU."""
@@ -205,13 +209,19 @@ class GaussianPrior(Prior):
 class LaplacePrior(Prior):
     """Independent Laplace ``(1 / 2b) exp(-|x - loc| / b)`` per parameter; variance ``2 b^2``.
 
-    Its density has a kink at ``loc``: a subject whose likelihood is flat
-    there has its MAP on the kink, where the gradient does not vanish (the
-    E-step reports it as stalled, not failed).
+    The exact density has a kink at ``loc``, where a subject with a weak
+    likelihood has its MAP: there the gradient never vanishes and the
+    Hessian does not exist, so MAP searches stall and the Laplace posterior
+    is undefined.  ``|d|`` is therefore evaluated as
+    ``sqrt(d^2 + eps^2) - eps`` with ``eps = smooth * b`` (default
+    ``smooth = 1e-3``): identical to ``|d|`` within ``eps``, smooth, and with
+    curvature ``1 / (b eps)`` at the location, so a MAP there gets a narrow,
+    positive definite posterior, as the kink implies.
     """
 
     loc: torch.Tensor
     scale: torch.Tensor
+    smooth: float = 1e-3
 
     def __post_init__(self) -> None:
         self.loc = as_tensor(self.loc, name="prior loc").reshape(-1)
@@ -226,10 +236,19 @@ class LaplacePrior(Prior):
         return 2.0 * self.scale ** 2
 
     def neg_log_prior(self, x, idx=None):
-        return ((x - self.loc).abs() / self.scale + torch.log(2.0 * self.scale)).sum(-1)
+        eps = self.smooth * self.scale
+        d = x - self.loc
+        return ((torch.sqrt(d * d + eps * eps) - eps) / self.scale + torch.log(2.0 * self.scale)).sum(-1)
 
     def hessian(self, x, idx=None):
-        return torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+        eps = self.smooth * self.scale
+        d = x - self.loc
+        return torch.diag_embed(eps * eps / (self.scale * (d * d + eps * eps) ** 1.5))
+
+    def curvature(self, x, idx=None):
+        """The smoothed kink's curvature, capped at ``1 / (2 b^2)``: at the location the Laplace posterior
+        of a weakly informed subject is the Gaussian with the prior's variance, not a spike."""
+        return torch.minimum(self.hessian(x, idx), torch.diag_embed((0.5 / self.scale ** 2).expand_as(x)))
 
     def sample(self, n, generator=None, idx=None):
         u = self._rand(n, generator).clamp(1e-16, 1 - 1e-16) - 0.5
