@@ -14,19 +14,59 @@ from .em import EMRun, FitResult, IterationState
 from .estep import importance_draws, neg_log_posterior
 from .importance import pairs_per_call
 from .individual import fit_individual
-from .model import Model
+from .model import Model, data_roles
 from .options import FitOptions
 from .priors import Prior
 from .recovery import parameter_recovery
 
-__all__ = ["EMModel", "resolve_device"]
+__all__ = ["EMModel", "resolve_device", "check_dtype", "convergence_text"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given, if this machine has it.
+
+    Raises
+    ------
+    ValueError
+        A CUDA device on a machine without CUDA (or without that device index).
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({err}); use 'cpu', 'cuda' or 'auto'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); use device='cpu', or "
+                             "device='auto' to take a GPU only where there is one")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    return dev
+
+
+#: Floating dtypes a fit can run in (Cholesky and the float64 reference values need at least float32).
+DTYPES = (torch.float64, torch.float32)
+
+
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if a fit can run in it (float64 or float32), else a ``ValueError`` that says so."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported: use torch.float64 (the default) or torch.float32; "
+                         "half precision (float16, bfloat16) has no batched Cholesky and too few digits for "
+                         "exact Hessians")
+    return dtype
+
+
+def convergence_text(result: FitResult) -> str:
+    """How a fit ended, in words: ``"converged after 20 EM iterations"`` or ``"not converged: <why>"``."""
+    if result.convergence:
+        return f"converged after {result.n_iter} EM iterations"
+    why = getattr(result, "stop_reason", "") or (f"stopped after {result.n_iter} EM iterations" if result.stopped
+                                                 else f"EM reached the cap of {result.n_iter} iterations")
+    return f"not converged: {why}"
 
 
 def _numpy(value: Any) -> Any:
@@ -64,13 +104,28 @@ class EMModel:
         ``fit_func`` is written for one subject; torchem batches it with
         ``torch.func.vmap``.  Default: ``True`` exactly for pyEM-style functions.
     subject, columns, block, trial : str, list of str
-        DataFrame input: see :meth:`SubjectBatch.from_dataframe`.
+        DataFrame input: see :meth:`SubjectBatch.from_dataframe`
+        (``trial=False``: the row order is the trial order).
     input_names : list of str, optional
         Field names for list input (default: the model's declared inputs).
+    categorical : list, optional
+        Fields (names or positions) that hold option codes and may be given
+        as text labels (default: what the model declares, see
+        :func:`torchem.model.model_spec`); text in any other field is an error.
+    missing : {"error", "skip"}
+        ``"skip"``: a missing (NaN) response marks a missed trial, masked in
+        its place; only for models that define skipped trials (that declare
+        ``responses``).
+    mask : str, optional
+        DataFrame input: a column that is 1 on trials to use and 0 on trials
+        to skip (same condition as ``missing="skip"``).
+    first_option : int
+        ``1`` for option codes ``1, 2, ...`` (MATLAB, hBayesDM): the model's
+        categorical fields are shifted to ``0, 1, ...``.
     device : str, optional
         ``"cpu"``, ``"cuda"`` or ``"auto"`` (default: CUDA when available).
     dtype : torch.dtype
-        Floating dtype of the fit (default ``torch.float64``).
+        Floating dtype of the fit: ``torch.float64`` (default) or ``torch.float32``.
 
     Examples
     --------
@@ -95,13 +150,28 @@ class EMModel:
         block: str | None = None,
         trial: str | None = None,
         input_names: Sequence[str] | None = None,
+        categorical: Sequence[str | int | Sequence[str | int]] | None = None,
+        missing: str = "error",
+        mask: str | None = None,
+        first_option: int = 0,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.device = resolve_device(device)
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype)
+        # how the data are laid out carries over to with_data; how one file codes its values (first_option,
+        # missed trials) does not: simulated data (recover, identify) are in the model's own coding
         self._frame_kwargs = {"subject": subject, "columns": columns, "block": block, "trial": trial,
-                              "input_names": input_names}
+                              "input_names": input_names, "categorical": categorical}
+        groups, responses = data_roles(fit_func)
+        if categorical is not None:
+            groups = [g if isinstance(g, (str, int)) else tuple(g) for g in categorical]
+        if (missing == "skip" or mask is not None) and not responses:
+            raise ValueError(
+                f"{getattr(fit_func, '__name__', 'this model')} does not define what happens on a skipped trial "
+                "(it declares no responses), so missed trials cannot be masked (missing='skip' / mask=); remove "
+                "those trials from the data instead")
+        roles = {"categorical": groups, "responses": responses, "missing": missing, "first_option": first_option}
         self.all_data = all_data
         self.result: FitResult | None = None
         self._outfit: tuple[FitResult, dict] | None = None
@@ -110,18 +180,55 @@ class EMModel:
         elif isinstance(all_data, SubjectBatch):
             batch = all_data
         elif isinstance(all_data, pd.DataFrame):
-            batch = SubjectBatch.from_dataframe(all_data, subject=subject, columns=columns, block=block, trial=trial)
+            batch = SubjectBatch.from_dataframe(all_data, subject=subject, columns=columns, block=block, trial=trial,
+                                                mask=mask, **roles)
         else:
-            batch = SubjectBatch.from_lists(all_data, names=input_names or getattr(fit_func, "inputs", None))
+            if mask is not None:
+                raise ValueError("mask= names a DataFrame column; for list input give NaN responses and "
+                                 "missing='skip'")
+            batch = SubjectBatch.from_lists(all_data, names=input_names or getattr(fit_func, "inputs", None),
+                                            **roles)
         self.batch = None if batch is None else batch.to(self.device, dtype)
         self.model = Model.resolve(fit_func, param_names, param_xform, simulate_func, per_subject, self.batch)
         if self.batch is not None:
-            self.model.check_data(self.batch, dtype)
+            self._check_labels(groups)
+            self.model.check_data(self.batch, self.dtype)
+            self._check_param_count()
+
+    def _check_labels(self, groups: Sequence) -> None:
+        """A ready batch may carry text labels only in fields the model declares categorical."""
+        allowed = set()
+        for g in groups:
+            for f in ([g] if isinstance(g, (str, int)) else g):
+                allowed.add(self.batch.names[f] if isinstance(f, int) and f < len(self.batch.names) else f)
+        coded = [n for n in self.batch.categories if n not in allowed]
+        if coded:
+            raise ValueError(f"field(s) {coded} were coded from text labels, but the model takes them as numbers; "
+                             f"only its categorical fields {sorted(allowed) or '(none)'} may be label-coded")
+
+    def _check_param_count(self) -> None:
+        """A custom model is evaluated once on one subject, so that too few parameter names fail here, plainly."""
+        if getattr(self.model.fit_func, "param_names", None) is not None:
+            return  # a library model: the count was checked against its declaration
+        one = self.batch.index([0])
+        x = torch.zeros(1, self.model.n_params, dtype=self.dtype, device=self.device)
+        try:
+            with torch.no_grad():
+                self.model.nll(x, one.data, one.mask)
+        except IndexError as err:
+            raise ValueError(f"fit_func fails with the {self.model.n_params} parameters named {self.param_names} "
+                             f"(IndexError: {err}); give one name per parameter the function uses") from err
 
     # ---------------------------------------------------------------- basics
     @property
     def param_names(self) -> list[str]:
         return self.model.param_names
+
+    @property
+    def warnings(self) -> list[str]:
+        """What was doubtful about the data (``batch.warnings``) and the last fit (``result.warnings``), each once."""
+        fit = list(getattr(self.result, "warnings", []) or []) if self.result is not None else []
+        return list(dict.fromkeys(list(self.batch.warnings) + fit))
 
     @property
     def fit_func(self) -> Callable:
@@ -164,11 +271,12 @@ class EMModel:
         """An unfitted copy of this model (likelihood, names, transforms, simulator, device, dtype) on ``data``.
 
         ``data`` is taken like ``all_data`` in the constructor; DataFrame and
-        list options default to this model's (override them by keyword).
+        list options, ``device`` and ``dtype`` default to this model's
+        (override them by keyword).
         """
-        kwargs = {**self._frame_kwargs, **frame_kwargs}
+        kwargs = {"device": self.device, "dtype": self.dtype, **self._frame_kwargs, **frame_kwargs}
         return EMModel(data, self.model.fit_func, self.param_names, self.model.param_xform, self.simulate_func,
-                       per_subject=self.model.per_subject, device=self.device, dtype=self.dtype, **kwargs)
+                       per_subject=self.model.per_subject, **kwargs)
 
     # ------------------------------------------------------------------- fit
     def fit(self, *, verbose: int = 1, callback: Callable[[IterationState], Any] | None = None,

@@ -9,8 +9,9 @@ history and the result.
 
 - :class:`LMERule` (``"lme"``, the default): the summed Laplace log evidence
   ``L`` changes by ``d = L(b) - L(a)`` over the step; with the linear rate
-  ``r = |c - b| / |b - a|`` of the group hyperparameters, the remaining change
-  to the fixed point is about ``|d| / (1 - r)`` (Aitken).  Converged when that
+  ``r = |c - b| / |b - a|`` of the group hyperparameters (the largest of the
+  last three steps' rates, at most 0.99), the remaining change to the fixed
+  point is about ``|d| / (1 - r)`` (Aitken).  Converged when that
   projection is below ``crit``.  Unlike a bare ``|d| < crit`` it does not stop
   a slowly crawling EM far from its fixed point, and unlike the NPL it has a
   finite limit when a group variance shrinks towards 0.
@@ -63,14 +64,20 @@ def _rate(step: EMStep) -> float:
 
 @dataclass
 class LMERule:
-    """Projected remaining change of the summed Laplace log evidence below ``crit``."""
+    """Projected remaining change of the summed Laplace log evidence below ``crit``.
+
+    The rate is the largest of the last three steps' estimates, so one step
+    that happens to move little (optimizer noise) cannot end a slow EM early.
+    """
 
     crit: float = 1e-3
     name: str = "lme"
+    rates: list = field(default_factory=list)
 
     def update(self, step: EMStep) -> tuple[bool, str]:
         d = step.lme_b - step.lme_a
-        rate = _rate(step)
+        self.rates.append(_rate(step))
+        rate = max(self.rates[-3:])
         projected = abs(d) / (1.0 - rate)
         return projected < self.crit, f"LME change {d:+.3g}, rate {rate:.3f}, projected remaining {projected:.3g}"
 

@@ -17,9 +17,11 @@ are extrapolated with SQUAREM (Varadhan & Roland 2008): from group ``a``, two
 EM steps give ``b`` and ``c``; with ``r = b - a`` and ``v = c - b - r`` (in
 the family's unconstrained coordinates, :meth:`~torchem.groups.GroupFamily.to_vector`)
 and ``alpha = -|r| / |v|`` (at most -1), the next group is
-``a - 2 alpha r + alpha^2 v``.  The E-step there is kept only if the summed
-Laplace log evidence did not fall below its value at ``a`` (the monotonicity
-safeguard); otherwise EM goes on from ``c``.  Every E-step counts towards
+``a - 2 alpha r + alpha^2 v``, with ``|alpha|`` bounded by a step limit that
+grows 4x after each extrapolation that reached it and shrinks 4x after a
+rejection.  The E-step there is kept only if the summed Laplace log evidence
+is not below its value at ``a`` (the monotonicity safeguard); otherwise EM
+goes on from ``c``.  Every E-step counts towards
 ``mstep_maxit``.  The fixed point is the one plain EM reaches.
 """
 from __future__ import annotations
@@ -122,6 +124,9 @@ class FitResult:
         ``"laplace"``, ``"importance"`` or ``"individual"``.
     importance : ImportanceResult or None
         With ``estep="importance"``: the final iteration's importance summaries.
+    estep_prior : Prior or None
+        The group distribution the final E-step used (``NPL`` and ``inv_h`` are
+        under it; ``group`` is the M-step after it).
     """
 
     m: torch.Tensor
@@ -147,6 +152,7 @@ class FitResult:
     estep: str = "laplace"
     stopped: bool = False
     importance: ImportanceResult | None = field(default=None, repr=False)
+    estep_prior: Prior | None = field(default=None, repr=False)
 
     # -------------------------------------------------------------- views
     @property
@@ -317,6 +323,7 @@ class EMRun:
         self.stop_reason = ""
         self.estep_kind = "laplace"
         self.bar = None
+        self._probed: dict[int, int] = {}
 
     # ---------------------------------------------------------- named steps
     def estep(self, prior: Prior, step: str, nsamples: int | None = None,
@@ -331,13 +338,37 @@ class EMRun:
         new, info = self.family.mstep(post.m, post.V)
         if not info.converged:
             self._warn(info.message)
+        new = self._newton_locations(new)
         if not new.valid():
             self._warn(f"the {self.family.name} M-step gave non-finite or non-positive hyperparameters at "
                        f"E-step {len(self.rows)}; the previous group was kept")
             return current
         return new
 
-    def record(self, post: PosteriorMoments, group: Prior, step: str, rule_text: str = "",
+    def _newton_locations(self, group: GroupFamily) -> GroupFamily:
+        """Move the location of every parameter whose group variance sits at the floor by a Newton step.
+
+        With a variance of ~0 every subject's posterior mean equals the group
+        location, so the EM update of the location (the mean of the posterior
+        means) no longer moves it.  The marginal likelihood still has a
+        gradient there, ``-sum_i g_ij`` (``g`` the likelihood gradients at the
+        MAPs), with curvature ``sum_i h_ijj``: one Newton step per M-step
+        moves the shared value to the likelihood's optimum.
+        """
+        lik = self.laplace.lik
+        if lik is None or not isinstance(group, GroupFamily):
+            return group
+        flat = (group.var <= 1e-6).nonzero().squeeze(1)
+        if flat.numel() == 0:
+            return group
+        g = lik[1][:, flat].sum(0)
+        h = lik[2][:, flat, flat].sum(0)
+        step = torch.where(h > 0, g / h.clamp_min(1e-300), torch.zeros_like(g)).clamp(-1.0, 1.0)
+        v = group.to_vector().clone()
+        v[flat] = v[flat] - step
+        return group.from_vector(v)
+
+    def record(self, post: PosteriorMoments, prior: Prior, group: Prior, step: str, rule_text: str = "",
                extra: dict | None = None) -> bool:
         """History row, progress bar and callback for one E-step; ``False`` if the callback asked to stop."""
         names = self.model.param_names
@@ -351,7 +382,7 @@ class EMRun:
         if extra:
             row.update(extra)
         self.rows.append(row)
-        self.last = (post, group)
+        self.last = (post, group, prior)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(NPL=f"{row['NPL']:.4f}")
@@ -379,7 +410,7 @@ class EMRun:
         a = self.prior
         post_a = self.estep(a, "em")
         b = self.mstep(post_a, a)
-        if not self.record(post_a, b, "em"):
+        if not self.record(post_a, a, b, "em"):
             return
         alpha_max = 1.0
         while self._budget_left():
@@ -389,31 +420,45 @@ class EMRun:
             if isinstance(a, GroupFamily):
                 self.converged, text = rule.update(EMStep(post_a.npl, post_b.npl, _lme_sum(post_a), _lme_sum(post_b),
                                                           a, b, c))
-            if not self.record(post_b, c, "em", text) or self.converged:
+            if not self.record(post_b, b, c, "em", text) or self.converged:
                 if self.converged:
                     self.stop_reason = f"{rule.name} rule met: {text}"
                 return
             if not (accelerate and isinstance(a, GroupFamily) and self._budget_left()):
                 a, post_a, b = b, post_b, c
                 continue
-            # SQUAREM: extrapolate along the two EM steps a -> b -> c
+            probe = self._collapse_probe(a, b, c, post_b)
+            if probe is not None:
+                if probe is False:
+                    return
+                a, post_a, b = probe
+                continue
+            # SQUAREM: extrapolate along the two EM steps a -> b -> c (only where EM is slow: with a fast
+            # linear rate the gain is small and the extrapolation mostly amplifies optimizer noise)
             va, vb, vc = a.to_vector(), b.to_vector(), c.to_vector()
             r, v = vb - va, vc - 2 * vb + va
+            if float((vc - vb).norm()) < 0.8 * float(r.norm()):
+                a, post_a, b = b, post_b, c
+                continue
             nv = float(v.norm())
             alpha = -float(r.norm()) / nv if nv > 0 else -1.0
             alpha = max(min(alpha, -1.0), -alpha_max)
+            hit = alpha == -alpha_max  # the step bound was reached: allow 4x longer steps after a success
             theta = self.family.from_vector(va - 2 * alpha * r + alpha * alpha * v)
-            if alpha == -1.0 or not theta.valid():
+            if alpha == -1.0 or not theta.valid():  # the extrapolation is c itself: a plain EM step
+                alpha_max = alpha_max * 4.0 if hit else alpha_max
                 a, post_a, b = b, post_b, c
                 continue
             post_t = self.estep(theta, "extrapolated")
-            ok = bool(torch.isfinite(post_t.npl).all()) and _lme_sum(post_t) >= _lme_sum(post_b) - self.opts.convergence_crit
+            # Varadhan & Roland's safeguard: the extrapolated point must not be worse than the cycle's start
+            ok = (bool(torch.isfinite(post_t.npl).all())
+                  and _lme_sum(post_t) >= _lme_sum(post_a) - self.opts.convergence_crit)
             t_next = self.mstep(post_t, theta)
-            if not self.record(post_t, t_next, "extrapolated" if ok else "rejected",
+            if not self.record(post_t, theta, t_next, "extrapolated" if ok else "rejected",
                                extra={"alpha": alpha}):
                 return
             if ok:
-                alpha_max = alpha_max * 4.0 if alpha == -alpha_max else alpha_max
+                alpha_max = alpha_max * 4.0 if hit else alpha_max
                 a, post_a, b = theta, post_t, t_next
             else:  # safeguard: go on from the plain EM point c
                 alpha_max = max(1.0, alpha_max / 4.0)
@@ -422,10 +467,40 @@ class EMRun:
                     return
                 post_a = self.estep(a, "em")
                 b = self.mstep(post_a, a)
-                if not self.record(post_a, b, "em"):
+                if not self.record(post_a, a, b, "em"):
                     return
         self.stop_reason = (f"mstep_maxit ({self.opts.mstep_maxit}) E-steps reached before the {rule.name} rule "
                             f"was met (last reading: {self.rows[-1]['rule'] or 'none'})")
+
+    def _collapse_probe(self, a: GroupFamily, b: GroupFamily, c: GroupFamily, post_b: PosteriorMoments):
+        """Try a shrinking group variance at its floor: EM creeps towards a variance of 0 sublinearly.
+
+        When a variance has fallen over the last two EM steps to below 0.05
+        (normalized space), the E-step is run once with that variance at the
+        floor (1e-8).  If the summed Laplace log evidence there is not lower
+        than at ``b``, the data prefer the boundary and EM goes on from it;
+        otherwise the probe is recorded as rejected and not repeated for
+        that parameter for 20 E-steps.  Returns the new ``(a, post_a, b)``,
+        ``None`` when nothing was tried or the probe failed, ``False`` when
+        the callback asked to stop.
+        """
+        va, vb, vc = a.var, b.var, c.var
+        cand = ((vc < vb) & (vb < va) & (vc < 0.05) & (vc > 1e-6)).nonzero().squeeze(1).tolist()
+        n = len(self.rows)
+        cand = [j for j in cand if n - self._probed.get(j, -10**9) >= 20]
+        if not cand or not self._budget_left():
+            return None
+        j = cand[0]
+        self._probed[j] = n
+        trial = c.collapse(j)
+        post_t = self.estep(trial, "collapse probe")
+        ok = bool(torch.isfinite(post_t.npl).all()) and _lme_sum(post_t) >= _lme_sum(post_b)
+        t_next = self.mstep(post_t, trial)
+        name = self.model.param_names[j]
+        if not self.record(post_t, trial, t_next, "collapse" if ok else "rejected",
+                           f"group variance of {name} at the floor: {'kept' if ok else 'rejected'}"):
+            return False
+        return (trial, post_t, t_next) if ok else None
 
     def _importance_phase(self) -> None:
         """Importance E-steps from the converged Laplace solution, then one final, larger sample."""
@@ -444,14 +519,14 @@ class EMRun:
             new = self.mstep(post, group)
             self.converged, text = rule.update(EMStep(post.npl, post.npl, 0.0, 0.0, group, new, new))
             extra = {"nsamples": o.nsamples, "ess_min": float(post.importance.ess.min())}
-            if not self.record(post, new, "importance", text, extra):
+            if not self.record(post, group, new, "importance", text, extra):
                 return
             group = new
             if self.converged:
                 break
         post = self.estep(group, "importance", nsamples=final, importance=imp)
         new = self.mstep(post, group)
-        self.record(post, new, "importance", "final, larger sample", {"nsamples": final,
+        self.record(post, group, new, "importance", "final, larger sample", {"nsamples": final,
                                                                       "ess_min": float(post.importance.ess.min())})
         if self.converged:
             self.stop_reason = f"group rule met by the importance E-step ({rule.changes[-1]:.3g} < {o.group_tol:g})"
@@ -478,7 +553,7 @@ class EMRun:
         return self.partial_result()
 
     def _final_warnings(self) -> None:
-        post, group = self.last
+        post, group, _ = self.last
         o = self.opts
         if not self.converged and not self.stopped:
             self._warn(f"EM did not converge: {self.stop_reason}. Try a larger mstep_maxit, "
@@ -513,7 +588,7 @@ class EMRun:
         """The result of the last completed E-step (``None`` before the first)."""
         if self.last is None:
             return None
-        post, group = self.last
+        post, group, prior = self.last
         return FitResult(
             m=post.x, inv_h=post.inv_h, group=group, NPL=post.npl, NLPrior=post.nlprior,
             NLL=post.npl - post.nlprior, hess_logdet=post.logdet, hessian_ok=post.hessian_ok,
@@ -521,7 +596,7 @@ class EMRun:
             n_iter=len(self.rows), history=pd.DataFrame(self.rows), param_names=list(self.model.param_names),
             subject_ids=list(self.batch.subject_ids), param_xform=list(self.model.param_xform),
             stop_reason=self.stop_reason, warnings=list(self.warnings), options=self.opts, estep=self.estep_kind,
-            stopped=self.stopped, importance=post.importance,
+            stopped=self.stopped, importance=post.importance, estep_prior=prior,
         )
 
 

@@ -90,7 +90,15 @@ def pseudo_r2(nll: torch.Tensor, n_obs: torch.Tensor, noptions: int, metric: str
         Options per choice (chance is ``1/noptions``).
     metric : {"median", "mean"}
         How subjects are pooled (pyEM's default is the median).
+
+    Raises
+    ------
+    ValueError
+        ``noptions`` below 2 (one option has no chance level to beat).
     """
+    if isinstance(noptions, bool) or not isinstance(noptions, (int, np.integer)) or noptions < 2:
+        raise ValueError(f"noptions must be an integer >= 2 (the options per choice; chance is 1/noptions), "
+                         f"got {noptions!r}")
     chance = n_obs.to(nll.dtype) * math.log(noptions)
     if metric == "median":
         return float(1.0 - torch.quantile(nll, 0.5) / torch.quantile(chance, 0.5))

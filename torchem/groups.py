@@ -101,6 +101,13 @@ class GroupFamily(Prior):
         """The tensors the constructor takes."""
         raise NotImplementedError
 
+    def collapse(self, j: int) -> "GroupFamily":
+        """A copy with parameter ``j``'s spread at the floor (1e-8 variance) and its correlations removed."""
+        v = self.to_vector().clone()
+        P = self.n_params
+        v[P + j] = 0.5 * math.log(_VAR_FLOOR) if self.name != "gaussian" else math.log(_VAR_FLOOR)
+        return self.from_vector(v)
+
     def valid(self) -> bool:
         """All hyperparameters finite and the spread positive definite."""
         ok = all(bool(torch.isfinite(v).all()) for v in self.raw_hyper().values())
@@ -173,6 +180,15 @@ class GaussianGroup(GaussianPrior, GroupFamily):
         L = torch.zeros(P, P, dtype=v.dtype, device=v.device)
         L[i, j] = torch.where(i == j, v[P:].exp(), v[P:])
         return GaussianGroup(mu, _floor_cov(L @ L.T), False)
+
+    def collapse(self, j):
+        if self.diagonal:
+            return GroupFamily.collapse(self, j)
+        cov = self.sigma.clone()
+        cov[j, :] = 0.0
+        cov[:, j] = 0.0
+        cov[j, j] = _VAR_FLOOR
+        return GaussianGroup(self.mu, cov, False)
 
     def mstep(self, m, V, weights=None):
         w = _weights(m, weights)

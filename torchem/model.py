@@ -30,8 +30,9 @@ gradient) or fails on tensors.  Without a ``mask`` argument it cannot skip
 padded trials, so every subject must then have the same trial shape.
 
 Library models carry their defaults as attributes set by :func:`model_spec`
-(``param_names``, ``param_xform``, ``inputs``, ``simulate``, ``check_data``),
-so ``EMModel(all_data, rw1a1b_fit)`` needs nothing else.
+(``param_names``, ``param_xform``, ``inputs``, ``categorical``, ``responses``,
+``simulate``, ``check_data``), so ``EMModel(all_data, rw1a1b_fit)`` needs
+nothing else.
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .data import _missing_hint
 from .transforms import identity
 
-__all__ = ["Model", "ModelSpec", "model_spec", "check_categorical", "reject_subject", "natural_params",
+__all__ = ["Model", "ModelSpec", "model_spec", "data_roles", "check_categorical", "reject_subject", "natural_params",
            "is_pyem_style", "MIGRATION_GUIDE"]
 
 #: Where the migration guide for pyEM models lives (named in error messages).
@@ -103,6 +105,8 @@ def model_spec(
     param_names: Sequence[str],
     param_xform: Sequence[Callable],
     inputs: Sequence[str],
+    categorical: Sequence[str | Sequence[str]] = (),
+    responses: Sequence[str] = (),
     check_data: Callable | None = None,
     params_for_data: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
@@ -117,6 +121,19 @@ def model_spec(
     inputs : sequence of str
         Names of the data fields, in the order the function takes them
         (also the DataFrame columns the command line expects by default).
+    categorical : sequence, optional
+        Inputs that hold option codes whose numbers are only names (which
+        option was chosen or offered): only these may be given as text
+        labels, coded ``0, 1, ...`` in sorted label order.  Inputs grouped in
+        one entry share one coding (e.g. ``("choices", "option_left",
+        "option_right")``).  Every other input is a number.
+    responses : sequence of str, optional
+        Inputs the subject produced.  Declaring them says the likelihood
+        skips a masked trial in the middle of a sequence exactly as if the
+        trial had not happened (no choice term, no learning); a missing
+        value in a response then marks a missed trial with
+        ``missing="skip"``.  Leave it empty where a skipped trial is not
+        defined.
     check_data : callable, optional
         ``check_data(batch)`` raising ``ValueError`` on data the model cannot
         take (e.g. a choice out of range), naming the subject and field.
@@ -131,12 +148,27 @@ def model_spec(
         fn.param_names = list(param_names)
         fn.param_xform = list(param_xform)
         fn.inputs = list(inputs)
+        known = set(fn.inputs)
+        fn.categorical = [(c,) if isinstance(c, str) else tuple(c) for c in categorical]
+        fn.responses = list(responses)
+        unknown = [c for g in fn.categorical for c in g if c not in known] + [c for c in fn.responses
+                                                                               if c not in known]
+        if unknown:
+            raise ValueError(f"{fn.__name__}: categorical/responses name unknown inputs {unknown}; "
+                             f"inputs are {fn.inputs}")
         fn.check_data = check_data
         fn.params_for_data = params_for_data
         fn.simulate = None
         return fn
 
     return wrap
+
+
+def data_roles(fit_func: Callable) -> tuple[list[tuple[int, ...]], list[int]]:
+    """A model's declared ``(categorical groups, responses)`` as positions of its inputs (empty when undeclared)."""
+    inputs = list(getattr(fit_func, "inputs", None) or [])
+    groups = [tuple(inputs.index(c) for c in g) for g in getattr(fit_func, "categorical", ())]
+    return groups, [inputs.index(c) for c in getattr(fit_func, "responses", ())]
 
 
 def natural_params(params, names: Sequence[str]) -> np.ndarray:
@@ -148,31 +180,75 @@ def natural_params(params, names: Sequence[str]) -> np.ndarray:
     return params
 
 
+def _first(batch, bad: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """Batch index and trial position of the first ``True`` in ``bad`` ``(S, *trial_shape)``."""
+    s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
+    return s, tuple(int(i) for i in bad[s].nonzero()[0])
+
+
+def _show(value: torch.Tensor):
+    """A tensor value as plain Python (``2`` rather than ``2.0`` for an integral float)."""
+    v = value.tolist()
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def reject_subject(batch, bad, field_index: int, what: str) -> None:
-    """Raise ``ValueError`` naming the first subject with a ``bad`` real trial and the field, if there is one.
+    """Raise ``ValueError`` naming the first subject with a ``bad`` real trial, the field, the value and its row.
 
     ``bad`` is a bool tensor over the subject and trial axes (already restricted
-    to real trials); the message reads ``subject <id>: field '<name>' <what>``.
+    to real trials); the message reads ``subject <id>: field '<name>' <what>
+    (value <v> at data row <r> ...)``.
     """
     if bad.any():
-        s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
-        raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{batch.names[field_index]}' {what}")
+        s, pos = _first(batch, bad)
+        value = _show(batch.data[field_index][s][pos])
+        raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{batch.names[field_index]}' {what} "
+                         f"(value {value!r} at {batch.locate(s, pos)})")
 
 
-def check_categorical(batch, field_index: int, n_options: int) -> None:
-    """Raise ``ValueError`` unless field ``field_index`` holds codes ``0..n_options-1`` on real trials."""
+def check_categorical(batch, field_index: int, n_options: int, codes: str | None = None) -> None:
+    """Raise ``ValueError`` unless field ``field_index`` holds codes ``0..n_options-1`` on real trials.
+
+    The message names the subject, the row and the value as given (a text
+    label such as ``'C'`` or ``'.'``, not its code); codes ``1..n_options``
+    get the instruction to shift them.  ``codes`` says what the codes mean
+    (e.g. ``"1 = old, 0 = new"``) and is added to the message.
+    """
     name = batch.names[field_index]
-    values = batch.data[field_index]
-    if values.is_floating_point():
-        reject_subject(batch, (values != values.round()) & batch.mask, field_index, "must hold integer option codes")
-    bad = ((values < 0) | (values >= n_options)) & batch.mask
-    if bad.any():
-        s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
-        where = tuple(int(i) for i in bad[s].nonzero()[0])
+    values, mask = batch.data[field_index], batch.mask
+    meaning = f" ({codes})" if codes else ""
+    labels = batch.categories.get(name)
+    if labels is not None and len(labels) > n_options:
+        counts = [int(((values == k) & mask).sum()) for k in range(len(labels))]
+        present = [k for k in range(len(labels)) if counts[k]]
+        shared = [n for n, v in batch.categories.items() if n != name and v == labels]
+        if len(present) <= n_options:
+            raise ValueError(
+                f"fields {[name, *shared]} share one coding of the options, but together they hold {len(labels)} "
+                f"labels {labels} and the model takes {n_options} options; name the options with the same labels "
+                "in these fields")
+        rare = min(present, key=lambda k: (counts[k], -k))
+        s, pos = _first(batch, (values == rare) & mask)
+        listing = ", ".join(f"{labels[k]!r} ({counts[k]} trials)" for k in present)
         raise ValueError(
-            f"subject {batch.subject_ids[s]!r}: field '{name}' has value {values[s][where].item()!r} at trial "
-            f"index {where}; expected option codes 0..{n_options - 1}"
-        )
+            f"subject {batch.subject_ids[s]!r}: field '{name}' has the label {labels[rare]!r} at "
+            f"{batch.locate(s, pos)}, but the model takes {n_options} options and the data have {len(present)} "
+            f"labels: {listing}{_missing_hint(labels[rare])}")
+    if values.is_floating_point():
+        reject_subject(batch, (values != values.round()) & mask, field_index, "must hold integer option codes")
+    bad = ((values < 0) | (values >= n_options)) & mask
+    if bad.any():
+        s, pos = _first(batch, bad)
+        real = values[mask]
+        hint = ""
+        if bool((real >= 1).all()) and int(real.max()) == n_options:
+            hint = (f"; the codes look 1-based (1..{n_options}): subtract 1 from '{name}'"
+                    + (" (first_option=1; command line: --first-option 1; dashboard Data tab: 'options coded "
+                       "from 1'; or df[...] - 1 yourself)" if name in batch.categorical else
+                       f" (e.g. df[{name!r}] - 1)"))
+        raise ValueError(
+            f"subject {batch.subject_ids[s]!r}: field '{name}' has value {_show(values[s][pos])!r} at "
+            f"{batch.locate(s, pos)}; expected option codes 0..{n_options - 1}{meaning}{hint}")
 
 
 @dataclass
@@ -218,25 +294,44 @@ class Model:
                 per_subject: bool | None = None, batch=None) -> "Model":
         """Fill unspecified pieces from a library model's attributes.
 
-        A model whose parameters follow the data (``fit_func.params_for_data``)
-        takes its names and transforms from ``batch`` when the caller gives none.
-        ``per_subject=None`` means: written for one subject exactly when it has
-        pyEM's signature (:func:`is_pyem_style`).
+        A library model's parameters may be renamed (``param_names`` in the
+        same order); its transforms then follow the positions.  A model whose
+        parameters follow the data (``fit_func.params_for_data``) takes its
+        names and transforms from ``batch``.
+
+        Raises
+        ------
+        ValueError
+            More or fewer names or transforms than the model has parameters,
+            repeated names, or no names for a model that declares none.
+
+        ``per_subject=None`` means: written for one subject exactly when it
+        has pyEM's signature (:func:`is_pyem_style`).
         """
         pyem = is_pyem_style(fit_func)
         per_subject = pyem if per_subject is None else bool(per_subject)
+        declared = getattr(fit_func, "param_names", None)
+        declared_xform = getattr(fit_func, "param_xform", None)
         for_data = getattr(fit_func, "params_for_data", None)
-        if param_names is None and for_data is not None and batch is not None:
-            param_names, data_xform = for_data(batch)
-            param_xform = data_xform if param_xform is None else param_xform
-        names = param_names if param_names is not None else getattr(fit_func, "param_names", None)
+        if for_data is not None and batch is not None:
+            declared, declared_xform = for_data(batch)
+        label = getattr(fit_func, "__name__", "fit_func")
+        if declared is not None:
+            declared = list(declared)
+            for what, given in (("names", param_names), ("transforms", param_xform)):
+                if given is not None and len(given) != len(declared):
+                    raise ValueError(
+                        f"{label} has {len(declared)} parameters ({', '.join(declared)}) but {len(given)} "
+                        f"parameter {what} were given; rename the parameters in the same order, one {what[:-1]} "
+                        "each")
+        names = list(param_names) if param_names is not None else declared
         if names is None:
             raise ValueError("param_names is required for a fit_func that does not declare its parameters")
-        if param_xform is None:
-            param_xform = getattr(fit_func, "param_xform", None) if param_names is None or \
-                list(param_names) == getattr(fit_func, "param_names", None) else None
+        if len(set(names)) != len(names):
+            raise ValueError(f"parameter names must be unique, got {names}")
+        xform = param_xform if param_xform is not None else (declared_xform if declared is not None else None)
         sim = simulate_func if simulate_func is not None else getattr(fit_func, "simulate", None)
-        return cls(fit_func, list(names), list(param_xform or []), sim, per_subject, pyem)
+        return cls(fit_func, names, list(xform or []), sim, per_subject, pyem)
 
     @property
     def n_params(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 from .groups import FAMILIES, GroupFamily
 from .priors import GaussianPrior, Prior
 
-__all__ = ["FitOptions", "option_table"]
+__all__ = ["FitOptions", "option_table", "add_arguments", "options_from_args"]
 
 
 def _opt(default: Any, help: str, *, cli: bool = True) -> Any:
@@ -155,3 +155,52 @@ def option_table() -> str:
     for f in fields(FitOptions):
         rows.append(f"| `{f.name}` | `{f.default!r}` | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+def _cli_type(f) -> Any:
+    """Parser of one option's command-line text: numbers by the default's type, 'none' for None."""
+    default = f.default
+
+    def parse(text: str) -> Any:
+        import argparse
+
+        try:
+            if text.lower() == "none":
+                value = None
+            elif isinstance(default, int) or f.name in ("final_nsamples", "seed"):
+                value = int(text)
+            elif isinstance(default, float):
+                value = float(text)
+            else:
+                value = text
+            FitOptions(**{f.name: value})  # the dataclass's own checks, at parse time
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    parse.__name__ = f.name  # argparse names the option in its error message
+    return parse
+
+
+def add_arguments(parser) -> None:
+    """Add every command-line fit option of :class:`FitOptions` as ``--name`` (help text from its field).
+
+    ``seed`` is left to the caller; ``--maxit`` is kept as a short name of ``--mstep-maxit``, and the
+    importance E-step's ``nsamples`` is ``--estep-nsamples`` (``--nsamples`` counts integrated-BIC draws).
+    """
+    group = parser.add_argument_group("fit options (torchem.options.FitOptions; 'none' for None)")
+    rename = {"nsamples": "estep_nsamples"}
+    for f in fields(FitOptions):
+        if not f.metadata.get("cli") or f.name == "seed":
+            continue
+        flags = ["--" + rename.get(f.name, f.name).replace("_", "-")] + (["--maxit"] if f.name == "mstep_maxit" else [])
+        choices = sorted(FAMILIES) if f.name == "group" else None
+        group.add_argument(*flags, dest=f"opt_{f.name}", type=_cli_type(f), default=None, choices=choices,
+                           help=f"{f.metadata['help']} (default {f.default!r})")
+
+
+def options_from_args(args, **overrides: Any) -> FitOptions:
+    """The :class:`FitOptions` of parsed command-line arguments (unset options keep their defaults)."""
+    given = {name: getattr(args, f"opt_{name}") for name in FitOptions.names()
+             if getattr(args, f"opt_{name}", None) is not None}
+    return FitOptions(**{**given, **overrides})

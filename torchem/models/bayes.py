@@ -54,7 +54,7 @@ def _check_fish(batch) -> None:
 
 
 @model_spec(param_names=["lambda1"], param_xform=[norm2alpha], inputs=["choices", "observations"],
-            check_data=_check_fish)
+            categorical=[("choices", "observations")], check_data=_check_fish)
 def bayes_fit(params: torch.Tensor, choices: torch.Tensor, observations: torch.Tensor,
               mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Pond/fish belief updating with one likelihood parameter ``lambda1`` (see the module docstring).

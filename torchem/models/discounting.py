@@ -76,17 +76,11 @@ PED_EFFORTS = np.concatenate([EFFORTS, EFFORTS])
 PED_BENEFICIARY = np.repeat([0.0, 1.0], 7)
 
 
-def _checker(discounted: str, positive: list[int], unit: list[int] = (), binary: list[int] = ()) -> Callable:
-    """Data check: choices 0/1 (text labels refused: sorted labels would code pyEM's ``'prosocial'``,
-    ``'later'`` or ``'high_effort'`` as 0), positive or probability-valued design fields, binary fields."""
+def _checker(positive: list[int], unit: list[int] = (), binary: list[int] = ()) -> Callable:
     def check(batch) -> None:
-        name = batch.names[0]
-        if name in batch.categories:
-            raise ValueError(f"field '{name}' holds text labels {batch.categories[name]}; code the choices as 0/1 "
-                             f"with 1 = the discounted option ({discounted!r})")
-        check_categorical(batch, 0, 2)
+        check_categorical(batch, 0, 2, "1 = the discounted option was chosen, 0 = the baseline")
         for j in binary:
-            check_categorical(batch, j, 2)
+            check_categorical(batch, j, 2, "0 = self, 1 = other")
         for j in positive:
             reject_subject(batch, (batch.data[j] <= 0) & batch.mask, j, "must be > 0")
         for j in unit:
@@ -123,7 +117,7 @@ _OUT_DOC = """mask : Tensor, optional
 
 # ------------------------------------------------------------------------------------ social discounting
 _SD_INPUTS = ["choices", "self_selfish", "other_selfish", "self_prosocial", "other_prosocial", "distance"]
-_SD_CHECK = _checker("prosocial", positive=[5])
+_SD_CHECK = _checker(positive=[5])
 
 
 def _social(params, choices, fields, mask, output, u_other: Callable):
@@ -158,7 +152,7 @@ _SD_DOC = """Parameters
 
 
 @model_spec(param_names=["w_other", "k"], param_xform=[norm2beta, norm2beta], inputs=_SD_INPUTS,
-            check_data=_SD_CHECK)
+            responses=["choices"], check_data=_SD_CHECK)
 def sd_hyp_wk_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                   mask=None, output="nll"):
     r"""Hyperbolic social discounting with an other-regarding weight: :math:`U_{other} = w r / (1 + k N)`.
@@ -172,7 +166,7 @@ def sd_hyp_wk_fit(params, choices, self_selfish, other_selfish, self_prosocial, 
                    mask, output, lambda r, n, w, k: w * r / (1.0 + k * n))
 
 
-@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, check_data=_SD_CHECK)
+@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, responses=["choices"], check_data=_SD_CHECK)
 def sd_hyp_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                  mask=None, output="nll"):
     r"""Hyperbolic social discounting: :math:`U_{other} = r / (1 + k N)`.
@@ -185,7 +179,7 @@ def sd_hyp_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, o
                    mask, output, lambda r, n, k: r / (1.0 + k * n))
 
 
-@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, check_data=_SD_CHECK)
+@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, responses=["choices"], check_data=_SD_CHECK)
 def sd_par_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                  mask=None, output="nll"):
     r"""Parabolic social discounting: :math:`U_{other} = r - k N^2` (0 when the other gets nothing).
@@ -198,7 +192,7 @@ def sd_par_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, o
                    mask, output, lambda r, n, k: _gated(r, r - k * n ** 2))
 
 
-@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, check_data=_SD_CHECK)
+@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, responses=["choices"], check_data=_SD_CHECK)
 def sd_lin_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                  mask=None, output="nll"):
     r"""Linear social discounting: :math:`U_{other} = r - k N` (0 when the other gets nothing).
@@ -234,7 +228,7 @@ _TWO_DOC = """Parameters
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=["choices", "sooner", "later", "delay"],
-            check_data=_checker("later", positive=[3]))
+            responses=["choices"], check_data=_checker(positive=[3]))
 def td_hyp_k_fit(params, choices, sooner, later, delay, mask=None, output="nll"):
     r"""Hyperbolic temporal discounting (Mazur, 1987): :math:`V_{later} = r_{later} / (1 + k D)`.
 
@@ -246,7 +240,7 @@ def td_hyp_k_fit(params, choices, sooner, later, delay, mask=None, output="nll")
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=["choices", "certain", "risky", "prob"],
-            check_data=_checker("risky", positive=[], unit=[3]))
+            responses=["choices"], check_data=_checker(positive=[], unit=[3]))
 def prd_hyp_k_fit(params, choices, certain, risky, prob, mask=None, output="nll"):
     r"""Hyperbolic probability discounting (Rachlin et al., 1991): :math:`V = r / (1 + k (1 - p) / p)`.
 
@@ -260,7 +254,7 @@ def prd_hyp_k_fit(params, choices, certain, risky, prob, mask=None, output="nll"
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=["choices", "reward_low", "reward_high", "effort"],
-            check_data=_checker("high_effort", positive=[3]))
+            responses=["choices"], check_data=_checker(positive=[3]))
 def ed_par_k_fit(params, choices, reward_low, reward_high, effort, mask=None, output="nll"):
     r"""Parabolic effort discounting: :math:`V_{high} = r_{high} - k E^2`.
 
@@ -276,7 +270,7 @@ _PED_INPUTS = ["choices", "reward_low", "reward_high", "effort", "beneficiary"]
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_PED_INPUTS,
-            check_data=_checker("high_effort", positive=[3], binary=[4]))
+            responses=["choices"], check_data=_checker(positive=[3], binary=[4]))
 def ped_par_k_fit(params, choices, reward_low, reward_high, effort, beneficiary, mask=None, output="nll"):
     r"""Prosocial effort discounting, one ``k`` for self and other: :math:`V_{high} = r_{high} - k E^2`.
 
@@ -290,7 +284,7 @@ def ped_par_k_fit(params, choices, reward_low, reward_high, effort, beneficiary,
 
 
 @model_spec(param_names=["k_self", "k_other"], param_xform=[norm2beta, norm2beta], inputs=_PED_INPUTS,
-            check_data=_checker("high_effort", positive=[3], binary=[4]))
+            responses=["choices"], check_data=_checker(positive=[3], binary=[4]))
 def ped_par_2k_fit(params, choices, reward_low, reward_high, effort, beneficiary, mask=None, output="nll"):
     r"""Prosocial effort discounting with separate ``k`` for self and other (Lockwood et al., 2017).
 

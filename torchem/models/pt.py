@@ -69,7 +69,7 @@ def _check_pt(batch) -> None:
     probs = batch.data[1]
     bad = (((probs < 0) | (probs > 1)).any(-1) | (probs.sum(-1) > 1 + 1e-9)) & batch.mask
     reject_subject(batch, bad, 1, "must hold probabilities in [0, 1] summing to at most 1")
-    check_categorical(batch, 3, 2)
+    check_categorical(batch, 3, 2, "1 = the gamble was chosen, 0 = the certain amount")
 
 
 def _on_arrays(fn, x, *args):
@@ -115,7 +115,7 @@ def _weight(p: torch.Tensor, gamma) -> torch.Tensor:
 
 @model_spec(param_names=["alpha", "beta", "lambda", "gamma", "mu"],
             param_xform=[norm2alpha, norm2alpha, norm2beta, norm2alpha, norm2beta],
-            inputs=["gamble", "probs", "certain", "choice"], check_data=_check_pt)
+            inputs=["gamble", "probs", "certain", "choice"], responses=["choice"], check_data=_check_pt)
 def pt_fit(params: torch.Tensor, gamble: torch.Tensor, probs: torch.Tensor, certain: torch.Tensor,
            choice: torch.Tensor, mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Cumulative prospect theory, sure amount vs two-outcome gamble (Tversky & Kahneman, 1992).
