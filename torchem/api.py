@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -16,6 +17,7 @@ from .individual import fit_individual
 from .model import Model, data_roles
 from .options import FitOptions
 from .priors import Prior
+from .recovery import parameter_recovery
 
 __all__ = ["EMModel", "resolve_device", "check_dtype", "convergence_text"]
 
@@ -76,15 +78,21 @@ class EMModel:
 
     Parameters
     ----------
-    all_data : list, DataFrame or SubjectBatch
+    all_data : list, DataFrame, SubjectBatch or None
         pyEM-style per-subject lists (``all_data[i] = [choices, rewards]``),
         a long DataFrame (then give ``columns`` and optionally ``subject``,
-        ``block``, ``trial``), or a ready :class:`SubjectBatch`.
+        ``block``, ``trial``), or a ready :class:`SubjectBatch`.  ``None``
+        makes a simulation-only model (pyEM's ``EMModel(all_data=None, ...)``):
+        :meth:`fit` needs data, while :meth:`recover` and
+        :meth:`ModelComparison.identify` simulate it and fill ``all_data``.
     fit_func : callable
         Batched likelihood ``fit_func(params (S, P), *data, mask=None,
         output="nll") -> (S,)``, or a one-subject function with
-        ``per_subject=True``.  Library models (``torchem.models``) bring their
-        own names, transforms and simulator.
+        ``per_subject=True``, or a pyEM-style one-subject function
+        ``f(params, *data, prior=None, output="npl")`` written with torch
+        operations (recognised by its ``prior`` argument; see
+        :mod:`torchem.model`).  Library models (``torchem.models``) bring
+        their own names, transforms and simulator.
     param_names : list of str, optional
         Parameter names (required for custom models).
     param_xform : list of callables, optional
@@ -92,9 +100,9 @@ class EMModel:
     simulate_func : callable, optional
         ``simulate_func(natural_params (S, P), **kwargs) -> dict``; used by
         :meth:`simulate` and :meth:`recover`.
-    per_subject : bool
+    per_subject : bool, optional
         ``fit_func`` is written for one subject; torchem batches it with
-        ``torch.func.vmap``.
+        ``torch.func.vmap``.  Default: ``True`` exactly for pyEM-style functions.
     subject, columns, block, trial : str, list of str
         DataFrame input: see :meth:`SubjectBatch.from_dataframe`
         (``trial=False``: the row order is the trial order).
@@ -130,13 +138,13 @@ class EMModel:
 
     def __init__(
         self,
-        all_data: Sequence[Sequence[Any]] | pd.DataFrame | SubjectBatch,
+        all_data: Sequence[Sequence[Any]] | pd.DataFrame | SubjectBatch | None,
         fit_func: Callable,
         param_names: Sequence[str] | None = None,
         param_xform: Sequence[Callable] | None = None,
         simulate_func: Callable | None = None,
         *,
-        per_subject: bool = False,
+        per_subject: bool | None = None,
         subject: str = "subject",
         columns: Sequence[str] | None = None,
         block: str | None = None,
@@ -164,7 +172,12 @@ class EMModel:
                 "(it declares no responses), so missed trials cannot be masked (missing='skip' / mask=); remove "
                 "those trials from the data instead")
         roles = {"categorical": groups, "responses": responses, "missing": missing, "first_option": first_option}
-        if isinstance(all_data, SubjectBatch):
+        self.all_data = all_data
+        self.result: FitResult | None = None
+        self._outfit: tuple[FitResult, dict] | None = None
+        if all_data is None:  # simulation only: recover() and identify() bring the data
+            batch = None
+        elif isinstance(all_data, SubjectBatch):
             batch = all_data
         elif isinstance(all_data, pd.DataFrame):
             batch = SubjectBatch.from_dataframe(all_data, subject=subject, columns=columns, block=block, trial=trial,
@@ -175,12 +188,12 @@ class EMModel:
                                  "missing='skip'")
             batch = SubjectBatch.from_lists(all_data, names=input_names or getattr(fit_func, "inputs", None),
                                             **roles)
-        self.batch = batch.to(self.device, dtype)
+        self.batch = None if batch is None else batch.to(self.device, dtype)
         self.model = Model.resolve(fit_func, param_names, param_xform, simulate_func, per_subject, self.batch)
-        self._check_labels(groups)
-        self.model.check_data(self.batch)
-        self._check_param_count()
-        self.result: FitResult | None = None
+        if self.batch is not None:
+            self._check_labels(groups)
+            self.model.check_data(self.batch, self.dtype)
+            self._check_param_count()
 
     def _check_labels(self, groups: Sequence) -> None:
         """A ready batch may carry text labels only in fields the model declares categorical."""
@@ -228,13 +241,23 @@ class EMModel:
     def __repr__(self) -> str:
         name = getattr(self.fit_func, "__name__", "fit_func")
         state = "fitted" if self.result is not None else "not fitted"
-        return (f"EMModel({name}, params={self.param_names}, {self.batch.n_subjects} subjects, "
+        data = "no data" if self.batch is None else f"{self.batch.n_subjects} subjects"
+        return (f"EMModel({name}, params={self.param_names}, {data}, "
                 f"device={self.device}, dtype={self.dtype}, {state})")
 
     def _fitted(self) -> FitResult:
         if self.result is None:
             raise RuntimeError("the model is not fitted yet: call fit() first")
         return self.result
+
+    def _require_data(self) -> None:
+        if self.batch is None:
+            raise ValueError("this EMModel has no data (all_data=None): give all_data to fit it, or call "
+                             "recover() or ModelComparison.identify(), which simulate data and fill all_data")
+
+    def _adopt(self, other: "EMModel") -> None:
+        """Take ``other``'s data and fit (a simulation-only model after recover/identify)."""
+        self.all_data, self.batch, self.result = other.all_data, other.batch, other.result
 
     @staticmethod
     def _prior_of(res: FitResult) -> Prior:
@@ -290,6 +313,7 @@ class EMModel:
         opts = FitOptions(**kwargs) if options is None else options
         if options is not None and kwargs:
             raise ValueError("give options either as a FitOptions or as keywords, not both")
+        self._require_data()
         self.result = None  # a failed refit never leaves the previous result looking current
         run = EMRun(self.model, self.batch, opts, verbose=verbose, callback=callback)
         try:
@@ -320,6 +344,7 @@ class EMModel:
         FitResult
             Also kept as ``self.result``.
         """
+        self._require_data()
         self.result = None
         self.result = fit_individual(self.model, self.batch, prior, nstarts=nstarts, seed=seed, maxit=maxit,
                                      gtol=gtol)
@@ -346,6 +371,27 @@ class EMModel:
         out.setdefault("params", res.natural_params())
         out["mask"] = self.batch.mask
         return {k: _numpy(v) for k, v in out.items()}
+
+    @property
+    def outfit(self) -> dict[str, np.ndarray]:
+        """pyEM's ``model.outfit``: :meth:`get_outfit` of the current fit, computed once per fit."""
+        res = self._fitted()
+        if self._outfit is None or self._outfit[0] is not res:
+            self._outfit = (res, self.get_outfit())
+        return self._outfit[1]
+
+    def posterior(self) -> dict[str, np.ndarray]:
+        """pyEM's posterior: ``{"mu", "sigma"}`` (normalized space).
+
+        After a hierarchical fit: the group location and variances ``(P,)``.
+        After an individual fit without a prior (:meth:`fit_individual`), as
+        pyEM's ``scipy_minimize``: each subject's estimate and the diagonal of
+        its inverse Hessian, ``(S, P)`` (subjects first).
+        """
+        res = self._fitted()
+        if res.group is None:
+            return {"mu": _numpy(res.m), "sigma": _numpy(res.inv_h.diagonal(dim1=-2, dim2=-1))}
+        return {"mu": _numpy(res.posterior_mu), "sigma": _numpy(res.posterior_var)}
 
     def subject_params(self) -> pd.DataFrame:
         """Natural-space MAP parameters per subject (same as ``result.params_df()``)."""
@@ -410,15 +456,16 @@ class EMModel:
         return out + (_numpy(se),) if return_se else out
 
     def integrated_log_likelihood(self, nsamples: int = 2000, seed: int | None = 0,
-                                  max_elements: int | None = None) -> torch.Tensor:
+                                  max_elements: int | None = None, group: Prior | None = None) -> torch.Tensor:
         """``(S,)`` Monte Carlo ``log E_group[p(D_i | theta)]`` with ``nsamples`` draws per subject.
 
         All draws of all subjects are evaluated as batched likelihood calls,
         chunked to about ``max_elements`` trial cells each (default: a size
-        that stays in cache on a CPU and fills a GPU).
+        that stays in cache on a CPU and fills a GPU).  ``group``: draw from
+        this distribution instead of the fitted group (no fit needed then).
         """
-        res = self._fitted()
-        grp = self._prior_of(res)
+        self._require_data()
+        grp = self._prior_of(self._fitted()) if group is None else group.to(self.device, self.dtype)
         gen = torch.Generator()
         gen.manual_seed(0 if seed is None else int(seed))
         data, mask = self.batch.data, self.batch.mask
@@ -428,11 +475,12 @@ class EMModel:
         def nll_fn(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return self.model.nll(theta, tuple(d[idx] for d in data), mask[idx])
 
-        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), res.n_subjects,
+        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), len(self.batch),
                                                   nsamples, chunk)
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
-                               max_elements: int | None = None) -> float:
+                               max_elements: int | None = None, func_output: str = "all",
+                               nll_key: str = "nll") -> float:
         """Integrated BIC (lower is better).
 
         Parameters
@@ -446,6 +494,8 @@ class EMModel:
             group-level parameters (``2P`` for a diagonal Gaussian) and ``N``
             all observations.  ``"pyem"``: pyEM's penalty ``P log n`` with
             ``n`` the trials of one subject, for comparing with pyEM numbers.
+        func_output, nll_key : str
+            pyEM's arguments, accepted and not needed (the likelihood is evaluated directly).
         """
         res = self._fitted()
         ilog = self.integrated_log_likelihood(nsamples, seed, max_elements)
@@ -470,8 +520,14 @@ class EMModel:
         return self.simulate_func(*args, **kwargs)
 
     def recover(self, true_params: np.ndarray, pr_inputs: Sequence[str] | None = None,
-                fit_kwargs: dict | None = None, nrounds: int = 1, **sim_kwargs) -> dict:
+                fit_kwargs: dict | None = None, nrounds: int = 1, simulate_func: Callable | None = None,
+                **sim_kwargs) -> dict:
         """Parameter recovery: simulate from ``true_params``, fit, compare.
+
+        A model without data (``all_data=None``) takes the last round's
+        simulated data and fit, so ``all_data``, :meth:`get_outfit` and the
+        evidence methods refer to them afterwards; a model with data is left
+        unchanged (the recovery fit is ``recovery_model`` in the result).
 
         Parameters
         ----------
@@ -485,6 +541,8 @@ class EMModel:
         nrounds : int
             Repeat over fresh simulations of the same parameters (seed
             ``seed + round`` when ``seed`` is given) and report the spread.
+        simulate_func : callable, optional
+            Simulator to use instead of the model's own (pyEM's argument).
         **sim_kwargs
             Passed to the simulator (``nblocks``, ``ntrials``, ``seed``, ...).
 
@@ -495,35 +553,57 @@ class EMModel:
             stacked to ``(nrounds * S, P)``), ``correlation`` and ``rmse``
             (per parameter; means over rounds), ``correlation_rounds`` and
             ``rmse_rounds`` ``(nrounds, P)``, ``correlation_sd``,
-            ``param_names``, ``fit_result`` and ``sim`` (of the last round).
+            ``param_names``, ``fit_result``, ``recovery_model`` (the fitted
+            :class:`EMModel`) and ``sim`` (of the last round).
         """
         true_params = np.asarray(true_params, dtype=float)
         keys = list(pr_inputs or self.model.inputs or [])
         if not keys:
             raise ValueError("pr_inputs must name the simulator outputs the fit function takes")
+        simulate = self.simulate if simulate_func is None else simulate_func
         estimates, corrs, rmses = [], [], []
         for rnd in range(nrounds):
             kwargs = dict(sim_kwargs)
             if kwargs.get("seed") is not None:
                 kwargs["seed"] = int(kwargs["seed"]) + rnd
-            sim = self.simulate(true_params, **kwargs)
+            sim = simulate(true_params, **kwargs)
             missing = [k for k in keys if k not in sim]
             if missing:
                 raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
             all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
             twin = self.with_data(all_data, input_names=keys)
             result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
-            est = result.natural_params().detach().cpu().numpy()
-            estimates.append(est)
-            corrs.append([np.corrcoef(true_params[:, j], est[:, j])[0, 1] for j in range(est.shape[1])])
-            rmses.append(np.sqrt(((true_params - est) ** 2).mean(0)))
+            rec = parameter_recovery(true_params, result.natural_params().detach().cpu().numpy())
+            estimates.append(rec.est_params)
+            corrs.append(rec.corr)
+            rmses.append(rec.rmse)
         corrs, rmses = np.asarray(corrs), np.asarray(rmses)
+        if self.batch is None:
+            self._adopt(twin)
         return {"true_params": np.tile(true_params, (nrounds, 1)), "estimated_params": np.concatenate(estimates),
                 "correlation": corrs.mean(0), "rmse": rmses.mean(0), "correlation_rounds": corrs,
                 "rmse_rounds": rmses, "correlation_sd": corrs.std(0, ddof=1) if nrounds > 1 else np.zeros(corrs.shape[1]),
-                "param_names": list(self.param_names), "fit_result": result, "sim": sim}
+                "param_names": list(self.param_names), "fit_result": result, "recovery_model": twin, "sim": sim}
 
-    def plot_recovery(self, recovery_dict: dict, figsize: tuple[float, float] | None = None):
-        """Simulated against estimated scatter per parameter, with r; returns the figure."""
-        return plotting.plot_recovery(recovery_dict["true_params"], recovery_dict["estimated_params"],
-                                      recovery_dict.get("param_names", self.param_names), figsize=figsize)
+    def plot_recovery(self, recovery_dict: dict, show_line: bool = True, figsize: tuple[float, float] | None = None,
+                      show: bool = False):
+        """Simulated against estimated scatter per parameter, with r; returns the figure.
+
+        Parameters
+        ----------
+        recovery_dict : dict
+            The result of :meth:`recover` (``true_params``, ``estimated_params``).
+        show_line : bool
+            Draw the identity line.
+        figsize : tuple, optional
+            Figure size in inches.
+        show : bool
+            Call :func:`matplotlib.pyplot.show` (pyEM does so by default;
+            torchem returns the figure without showing it unless asked).
+        """
+        fig = plotting.plot_recovery(recovery_dict["true_params"], recovery_dict["estimated_params"],
+                                     recovery_dict.get("param_names", self.param_names), figsize=figsize,
+                                     show_line=show_line)
+        if show:
+            plt.show()
+        return fig

@@ -42,11 +42,18 @@ class ModelComparison:
     ----------
     models : sequence of EMModel
         Candidate models (fitted or not; :meth:`compare` fits the others).
-    names : sequence of str
-        One name per model.
+    names : sequence of str, optional
+        One name per model (pyEM's keyword ``model_names`` is accepted);
+        default ``Model_1``, ``Model_2``, ... as in pyEM.
     """
 
-    def __init__(self, models: Sequence[EMModel], names: Sequence[str]) -> None:
+    def __init__(self, models: Sequence[EMModel], names: Sequence[str] | None = None, *,
+                 model_names: Sequence[str] | None = None) -> None:
+        if names is not None and model_names is not None:
+            raise ValueError("give the names once: names or model_names")
+        names = model_names if names is None else names
+        if names is None:
+            names = [f"Model_{i + 1}" for i in range(len(models))]
         if len(models) != len(names):
             raise ValueError(f"{len(models)} models but {len(names)} names")
         if len(set(names)) != len(names):
@@ -135,7 +142,9 @@ class ModelComparison:
         normalized parameters are drawn from a standard normal and mapped
         through the model's transforms; every model is fitted to every
         simulated data set (each data set is built once and shared by the
-        fits) and scored by LME, integrated BIC and pseudo-R².
+        fits) and scored by LME, integrated BIC and pseudo-R².  A model
+        without data (``all_data=None``) takes the last round's data simulated
+        from itself and its fit to them.
 
         Parameters
         ----------
@@ -172,7 +181,7 @@ class ModelComparison:
         bic = {"nsamples": 1000, **_bic_options(bicint_kwargs)}
         r2 = dict(r2_kwargs or {})
         rng = np.random.default_rng(seed)
-        rows = []
+        rows, own = [], {}
         for rnd in tqdm(range(nrounds), desc="identify", disable=not verbose):
             for sim_name, sim_model in zip(self.names, self.models):
                 sampler = (param_samplers or {}).get(sim_name)
@@ -194,6 +203,8 @@ class ModelComparison:
                     batch = twin.batch  # validated and on the device: shared by the other fits
                     twin.fit(**{"verbose": 0, "seed": sim_seed, **(fit_kwargs or {})})
                     score = _score(twin, bic, int(r2.get("noptions", 2)), r2.get("metric", "median"))
+                    if est_name == sim_name:
+                        own[sim_name] = twin
                     rows.append({"round": rnd, "Simulated": sim_name, "Estimated": est_name, **score})
         per_round = pd.DataFrame(rows)
         grp = per_round.groupby(["round", "Simulated"])
@@ -207,6 +218,9 @@ class ModelComparison:
         for col in ("bestlme", "bestbic", "bestR2"):
             out[col] = out[col].astype(int)
         self.identify_rounds, self.identify_df = per_round, out
+        for name, m in zip(self.names, self.models):
+            if m.batch is None and name in own:
+                m._adopt(own[name])
         return out
 
     def plot_identifiability(self, metric: str = "LME", ax=None, cmap: str = "Blues"):

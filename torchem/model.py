@@ -16,6 +16,19 @@ The prior is never part of a model: the EM code adds it.  A function written
 for one subject (``params`` ``(P,)``, data without the subject axis, returning
 a scalar) is batched with ``torch.func.vmap`` when ``per_subject=True``.
 
+pyEM-style functions
+--------------------
+A function with pyEM's signature ``f(params, *data, prior=None,
+output="npl")`` (recognised by its ``prior`` argument) is called with
+``prior=None`` and ``output="npl"``, which pyEM defines as the NLL when there
+is no prior; torchem adds the prior itself.  Such a function is written for
+one subject, so it is batched with ``vmap`` unless ``per_subject=False`` is
+given.  It must compute with torch operations: :meth:`Model.check_data`
+evaluates it once on the first subject and stops with an error pointing to
+``docs/migrating_from_pyem.md`` if it returns a numpy or Python number (no
+gradient) or fails on tensors.  Without a ``mask`` argument it cannot skip
+padded trials, so every subject must then have the same trial shape.
+
 Library models carry their defaults as attributes set by :func:`model_spec`
 (``param_names``, ``param_xform``, ``inputs``, ``categorical``, ``responses``,
 ``simulate``, ``check_data``), so ``EMModel(all_data, rw1a1b_fit)`` needs
@@ -23,6 +36,9 @@ nothing else.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -32,7 +48,56 @@ import torch
 from .data import _missing_hint
 from .transforms import identity
 
-__all__ = ["Model", "model_spec", "data_roles", "check_categorical", "reject_subject", "natural_params"]
+__all__ = ["Model", "ModelSpec", "model_spec", "data_roles", "check_categorical", "reject_subject", "natural_params",
+           "is_pyem_style", "MIGRATION_GUIDE"]
+
+#: Where the migration guide for pyEM models lives (named in error messages).
+MIGRATION_GUIDE = "docs/migrating_from_pyem.md"
+
+
+def _parameters(fn: Callable) -> dict:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return {}
+
+
+def is_pyem_style(fit_func: Callable) -> bool:
+    """Whether ``fit_func`` has pyEM's signature ``f(params, *data, prior=None, output="npl")``.
+
+    torchem's own contract has no ``prior`` argument (the EM code adds the
+    prior), so a ``prior`` parameter identifies a function written for pyEM.
+    """
+    return "prior" in _parameters(fit_func)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """pyEM's self-describing bundle of a model: ``<name>_model`` in the model modules.
+
+    Attributes
+    ----------
+    id : str
+        The model's name (its key in :data:`torchem.models.MODELS`).
+    spec : dict
+        Free-form description: ``family``, ``params`` (name -> transform),
+        ``inputs`` (the data fields, in order).
+    desc : str
+        One-paragraph description (the first paragraph of the fit's docstring).
+    params : callable or None
+        pyEM's optional parameter helper; ``None`` for every library model, as in pyEM.
+    sim : callable
+        The simulator, ``sim(natural_params (S, P), **kwargs) -> dict``.
+    fit : callable
+        The batched likelihood (torchem's contract), ready for ``EMModel(all_data, spec.fit)``.
+    """
+
+    id: str
+    spec: dict
+    desc: str
+    params: Callable | None
+    sim: Callable | None
+    fit: Callable
 
 
 def model_spec(
@@ -202,6 +267,9 @@ class Model:
         ``simulate_func(natural_params (S, P), **kwargs) -> dict``.
     per_subject : bool
         ``fit_func`` handles one subject; it is batched with ``torch.func.vmap``.
+    pyem_style : bool
+        ``fit_func`` has pyEM's signature ``f(params, *data, prior=None,
+        output="npl")``: it is called with ``prior=None`` (see the module docstring).
     """
 
     fit_func: Callable
@@ -209,6 +277,7 @@ class Model:
     param_xform: list[Callable] = field(default_factory=list)
     simulate_func: Callable | None = None
     per_subject: bool = False
+    pyem_style: bool = False
 
     def __post_init__(self) -> None:
         self.param_names = list(self.param_names)
@@ -222,7 +291,7 @@ class Model:
 
     @classmethod
     def resolve(cls, fit_func: Callable, param_names=None, param_xform=None, simulate_func=None,
-                per_subject: bool = False, batch=None) -> "Model":
+                per_subject: bool | None = None, batch=None) -> "Model":
         """Fill unspecified pieces from a library model's attributes.
 
         A library model's parameters may be renamed (``param_names`` in the
@@ -235,7 +304,12 @@ class Model:
         ValueError
             More or fewer names or transforms than the model has parameters,
             repeated names, or no names for a model that declares none.
+
+        ``per_subject=None`` means: written for one subject exactly when it
+        has pyEM's signature (:func:`is_pyem_style`).
         """
+        pyem = is_pyem_style(fit_func)
+        per_subject = pyem if per_subject is None else bool(per_subject)
         declared = getattr(fit_func, "param_names", None)
         declared_xform = getattr(fit_func, "param_xform", None)
         for_data = getattr(fit_func, "params_for_data", None)
@@ -257,7 +331,7 @@ class Model:
             raise ValueError(f"parameter names must be unique, got {names}")
         xform = param_xform if param_xform is not None else (declared_xform if declared is not None else None)
         sim = simulate_func if simulate_func is not None else getattr(fit_func, "simulate", None)
-        return cls(fit_func, names, list(xform or []), sim, per_subject)
+        return cls(fit_func, names, list(xform or []), sim, per_subject, pyem)
 
     @property
     def n_params(self) -> int:
@@ -268,23 +342,99 @@ class Model:
         """Declared data field names, if the function declares them."""
         return getattr(self.fit_func, "inputs", None)
 
-    def check_data(self, batch) -> None:
-        """Run the model's own data check (if any) on a :class:`SubjectBatch`."""
+    @functools.cached_property
+    def takes_mask(self) -> bool:
+        """Whether ``fit_func`` accepts ``mask`` (torchem's contract always does; a pyEM function may not)."""
+        params = _parameters(self.fit_func)
+        return "mask" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def check_data(self, batch, dtype: torch.dtype = torch.float64) -> None:
+        """Run the model's own data check (if any) on a :class:`SubjectBatch`.
+
+        A function written for one subject is first evaluated on the first
+        subject (:meth:`_probe`), so a function that cannot run on tensors
+        fails here with a clear message rather than inside autograd.
+        """
         check = getattr(self.fit_func, "check_data", None)
         if check is not None:
             check(batch)
+        if self.pyem_style and not self.takes_mask and not bool(batch.mask.all()):
+            n = batch.n_obs
+            s = int((n < batch.mask[0].numel()).nonzero()[0])
+            raise ValueError(
+                f"subject {batch.subject_ids[s]!r} has {int(n[s])} trials where others have "
+                f"{batch.mask[0].numel()}: the pyEM-style fit_func {self._name()} has no `mask` argument, so it "
+                f"cannot ignore the padding of shorter subjects; add `mask=None` to its signature and leave padded "
+                f"trials out of the sum (see {MIGRATION_GUIDE})")
+        if self.per_subject or self.pyem_style:
+            self._probe(batch, dtype)
+
+    def _name(self) -> str:
+        return getattr(self.fit_func, "__name__", "fit_func")
+
+    def _call_one(self, f: Callable, p, m, d, output: str):
+        """One call in the function's own convention (pyEM's ``prior=None, output="npl"`` or torchem's)."""
+        if not self.pyem_style:
+            return f(p, *d, mask=m, output=output)
+        kw = {"mask": m} if self.takes_mask else {}
+        out = f(p, *d, prior=None, output="npl" if output == "nll" else output, **kw)
+        if output == "all" and isinstance(out, dict):  # keep the tensors (vmap returns only tensors)
+            out = {k: torch.stack(list(v), -1) if isinstance(v, (list, tuple)) and v
+                   and all(isinstance(a, torch.Tensor) for a in v) else v for k, v in out.items()}
+            out = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return out
+
+    def _probe(self, batch, dtype: torch.dtype = torch.float64) -> None:
+        """Evaluate the function once on the first subject; raise a ``ValueError`` that explains a failure."""
+        x = torch.zeros(1, self.n_params, dtype=dtype, device=batch.device).requires_grad_(True)
+        sid = batch.subject_ids[0] if batch.subject_ids else 0
+        if self.per_subject:
+            p, m, d = x[0], batch.mask[0], [f[0] for f in batch.data]
+        else:
+            p, m, d = x, batch.mask[:1], [f[:1] for f in batch.data]
+        how = (f"A function given to torchem must compute with torch operations on its tensor arguments "
+               f"(torch.exp, torch.where, ...), not numpy or float(), so that autograd can differentiate it; "
+               f"see {MIGRATION_GUIDE}")
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. float() on a tensor: the error below says what is wrong
+            try:
+                out = self._call_one(self.fit_func, p, m, d, "nll")
+            except Exception as err:  # any failure on tensors is reported with the guide
+                raise ValueError(f"fit_func {self._name()} failed on subject {sid!r} with tensor inputs "
+                                 f"({type(err).__name__}: {err}). {how}") from err
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"fit_func {self._name()} returned a {type(out).__module__}.{type(out).__name__} "
+                             f"for subject {sid!r}, which cannot be differentiated. {how}")
+        if out.numel() != 1 or not out.is_floating_point():
+            raise ValueError(f"fit_func {self._name()} returned a tensor of shape {tuple(out.shape)} and dtype "
+                             f"{out.dtype} for one subject; expected a real scalar (the negative log-likelihood)")
+        if not out.requires_grad:
+            raise ValueError(f"fit_func {self._name()} returned a value that does not depend on params through "
+                             f"torch operations (no gradient), e.g. after float() or numpy. {how}")
+        if self.per_subject:  # and batched over (up to) two subjects, as the fit will call it
+            n = min(2, len(batch))
+            self(x.detach().expand(n, -1), tuple(f[:n] for f in batch.data), batch.mask[:n])
 
     def __call__(self, params: torch.Tensor, data: tuple[torch.Tensor, ...], mask: torch.Tensor,
                  output: str = "nll"):
         """Evaluate the likelihood for ``params`` ``(S, P)``; ``(S,)`` or a dict for ``output="all"``."""
-        if not self.per_subject:
-            return self.fit_func(params, *data, mask=mask, output=output)
         f = self.fit_func
+        if not self.per_subject:
+            return self._call_one(f, params, mask, data, output)
 
         def one(p, m, *d):
-            return f(p, *d, mask=m, output=output)
+            return self._call_one(f, p, m, d, output)
 
-        return torch.func.vmap(one)(params, mask, *data)
+        try:
+            return torch.func.vmap(one)(params, mask, *data)
+        except RuntimeError as err:
+            if "vmap" not in str(err):  # not a batching problem (e.g. out of memory): unchanged
+                raise
+            raise ValueError(
+                f"fit_func {self._name()} runs for one subject but not batched over subjects ({err}). Typical "
+                f"causes: a Python `if` on a parameter or data value (use torch.where), writing into a "
+                f"preallocated array (collect values in a list and torch.stack them), or .item()/float() on a "
+                f"tensor; see {MIGRATION_GUIDE}") from err
 
     def nll(self, params: torch.Tensor, data: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
         """``(S,)`` negative log-likelihood; checks the shape the function returned."""

@@ -587,7 +587,8 @@ def rw4a1b_simulate(params: np.ndarray, nblocks: int = 12, ntrials: int = 20,
     dict
         ``params``, ``choices`` (option codes 0-3), ``outcomes_self``,
         ``outcomes_other``, ``option_left``, ``option_right`` (all ``(S, B, T)``),
-        ``EV`` ``(S, B, T+1, 4)``, ``PE_self``, ``PE_other`` ``(S, B, T)``,
+        ``option_pairs`` ``(S, B, T, 2)`` (left and right together, pyEM's
+        name), ``EV`` ``(S, B, T+1, 4)``, ``PE_self``, ``PE_other`` ``(S, B, T)``,
         ``ch_prob`` ``(S, B, T, 4)``.
     """
     params = natural_params(params, rw4a1b_fit.param_names)
@@ -633,7 +634,8 @@ def rw4a1b_simulate(params: np.ndarray, nblocks: int = 12, ntrials: int = 20,
             PE_s[:, b, t], PE_o[:, b, t] = pe_s, pe_o
         EV[:, b, ntrials] = v
     return {"params": params.copy(), "choices": out["choices"], "outcomes_self": o_self, "outcomes_other": o_other,
-            "option_left": out["option_left"], "option_right": out["option_right"], "EV": EV,
+            "option_left": out["option_left"], "option_right": out["option_right"],
+            "option_pairs": np.stack([out["option_left"], out["option_right"]], -1), "EV": EV,
             "PE_self": PE_s, "PE_other": PE_o, "ch_prob": ch_prob}
 
 
