@@ -74,6 +74,7 @@ def test_heavy_tailed_families_recover_their_own_location(family, estep, draw, l
     np.testing.assert_allclose(res.posterior_mu.numpy(), loc, atol=0.2)
 
 
+@pytest.mark.slow
 def test_robust_groups_resist_gross_outliers():
     """200 subjects from N(mu, 0.5^2) with 5% at +-4: the robust locations stay nearer the inliers' mean."""
     rng = np.random.default_rng(21)
@@ -86,12 +87,10 @@ def test_robust_groups_resist_gross_outliers():
     fits = {f: model.fit(verbose=0, group=f) for f in ("gaussian", "student_t")}
     err = {f: np.abs(r.posterior_mu.numpy() - mu).sum() for f, r in fits.items()}
     assert err["student_t"] < 0.7 * err["gaussian"], err
-    # inliers are shrunk less towards the outliers: their MAPs lie closer to their generating values
+    # inliers are shrunk less towards the outliers (at +4): their MAPs move up less
     inl = ~out
-    miss = {f: np.abs(r.m.numpy()[inl] - norm[inl]).mean() for f, r in fits.items()}
     shift = {f: (r.m.numpy()[inl] - norm[inl]).mean(0) for f, r in fits.items()}
-    assert shift["student_t"].sum() < shift["gaussian"].sum(), shift
-    assert miss["student_t"] <= miss["gaussian"] + 0.01, miss
+    assert (shift["student_t"] < shift["gaussian"]).all(), shift
 
 
 def test_prior_starts_em_and_is_replaced_at_the_first_mstep(reference_model):
@@ -263,3 +262,27 @@ def test_readme_option_table_is_the_options_dataclass():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text.split("<!-- options:start -->")[1].split("<!-- options:end -->")[0].strip()
     assert block == option_table()
+
+
+def test_pyem_npl_options_select_the_npl_rule_and_optimizer_names_map(reference_model):
+    assert FitOptions(convergence_method="median").convergence == "npl"
+    assert FitOptions(convergence_custom="relative_npl").convergence == "npl"
+    assert FitOptions().convergence == "lme" and FitOptions(convergence="group").convergence == "group"
+    res = reference_model.fit(verbose=0, convergence_method="mean", optim_method="BFGS",
+                              optim_options={"maxiter": 150, "gtol": 1e-6})
+    assert res.options.convergence == "npl" and res.options.estep_maxit == 150 and res.options.gtol == 1e-6
+    with pytest.raises(ValueError, match="Nelder-Mead"):
+        reference_model.fit(verbose=0, optim_method="Nelder-Mead")
+    with pytest.raises(ValueError, match="no torchem counterpart"):
+        reference_model.fit(verbose=0, optim_options={"eps": 1e-8})
+    prior = GaussianPrior([0.0, 1.0], [1.0, 4.0])
+    expected = -0.5 * (math.log(2 * math.pi) * 2 + math.log(4.0) + 0.25)
+    assert prior.logpdf([0.0, 2.0]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_float32_default_fit_agrees_with_float64(reference_model):
+    f64 = reference_model.fit(verbose=0)
+    f32 = reference_model.with_data(reference_model.batch, dtype=torch.float32).fit(verbose=0)
+    assert f32.m.dtype == torch.float32 and f32.estep_success.float().mean() > 0.95, f32.status
+    torch.testing.assert_close(f32.posterior_mu.double(), f64.posterior_mu, atol=2e-3, rtol=0)
+    torch.testing.assert_close(f32.posterior_var.double(), f64.posterior_var, atol=5e-3, rtol=0)

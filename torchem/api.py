@@ -73,6 +73,30 @@ def _numpy(value: Any) -> Any:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
+def _pyem_optimizer_options(kwargs: dict) -> dict:
+    """Map pyEM's ``optim_method``/``optim_options`` onto torchem's E-step options.
+
+    torchem's E-step is always one batched L-BFGS; pyEM's quasi-Newton
+    methods (``"BFGS"``, ``"L-BFGS-B"``) are accepted, ``optim_options``'
+    ``maxiter`` and ``gtol`` become ``estep_maxit`` and ``gtol``; anything
+    else is refused with a ``ValueError``.
+    """
+    kwargs = dict(kwargs)
+    method = kwargs.pop("optim_method", None)
+    if method is not None and str(method).upper() not in ("BFGS", "L-BFGS-B", "L-BFGS"):
+        raise ValueError(f"optim_method={method!r}: torchem's E-step is a batched L-BFGS with exact gradients; "
+                         "pyEM's 'BFGS' and 'L-BFGS-B' are accepted, other scipy methods are not")
+    extra = dict(kwargs.pop("optim_options", None) or {})
+    for theirs, ours in (("maxiter", "estep_maxit"), ("gtol", "gtol")):
+        if theirs in extra:
+            kwargs.setdefault(ours, extra.pop(theirs))
+    extra.pop("disp", None)
+    if extra:
+        raise ValueError(f"optim_options {sorted(extra)} have no torchem counterpart; torchem takes maxiter and "
+                         "gtol (as estep_maxit and gtol)")
+    return kwargs
+
+
 class EMModel:
     """A model to fit to many subjects by hierarchical EM with MAP estimation.
 
@@ -310,6 +334,7 @@ class EMModel:
             the last completed E-step's result marked ``stopped`` (or
             ``None``), and the exception propagates.
         """
+        kwargs = _pyem_optimizer_options(kwargs)
         opts = FitOptions(**kwargs) if options is None else options
         if options is not None and kwargs:
             raise ValueError("give options either as a FitOptions or as keywords, not both")

@@ -479,13 +479,16 @@ class EMRun:
 
         When a variance has fallen over the last two EM steps to below 0.05
         (normalized space), the E-step is run once with that variance at the
-        floor (1e-8).  If the summed Laplace log evidence there is not lower
-        than at ``b``, the data prefer the boundary and EM goes on from it;
+        floor (1e-8; float64 fits only).  If the summed Laplace log evidence
+        there is not lower than at ``b`` and no subject's MAP search failed,
+        the data prefer the boundary and EM goes on from it;
         otherwise the probe is recorded as rejected and not repeated for
         that parameter for 20 E-steps.  Returns the new ``(a, post_a, b)``,
         ``None`` when nothing was tried or the probe failed, ``False`` when
         the callback asked to stop.
         """
+        if self.dtype != torch.float64:  # a variance of 1e-8 is below what float32 E-steps can resolve
+            return None
         va, vb, vc = a.var, b.var, c.var
         cand = ((vc < vb) & (vb < va) & (vc < 0.05) & (vc > 1e-6)).nonzero().squeeze(1).tolist()
         n = len(self.rows)
@@ -496,7 +499,8 @@ class EMRun:
         self._probed[j] = n
         trial = c.collapse(j)
         post_t = self.estep(trial, "collapse probe")
-        ok = bool(torch.isfinite(post_t.npl).all()) and _lme_sum(post_t) >= _lme_sum(post_b)
+        ok = (bool(torch.isfinite(post_t.npl).all()) and _lme_sum(post_t) >= _lme_sum(post_b)
+              and not bool((post_t.status == SubjectStatus.FAILED).any()))
         t_next = self.mstep(post_t, trial)
         name = self.model.param_names[j]
         if not self.record(post_t, trial, t_next, "collapse" if ok else "rejected",

@@ -161,6 +161,8 @@ class LaplaceEStep:
         S, P = x0.shape
         self.lik = None  # (nll (S,), grad (S, P), hess (S, P, P)) of the likelihood at self.x
         self.max_restarts, self.hessian_chunk, self.laplace_cap = max_restarts, hessian_chunk, laplace_cap
+        # below sqrt(eps) a gradient is rounding noise: float32 E-steps stop there
+        gtol = max(gtol, math.sqrt(torch.finfo(x0.dtype).eps))
         self.optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
         self.has_lik = torch.zeros(S, dtype=torch.bool, device=x0.device)
 

@@ -40,9 +40,10 @@ class FitOptions:
     mstep_maxit: int = _opt(800, "maximum E-steps (EM iterations; accelerated cycles count each E-step)")
     accelerate: Any = _opt("squarem", "'squarem' (extrapolated EM steps with a monotonicity safeguard, "
                                       "Varadhan & Roland 2008) or None (plain EM)")
-    convergence: str = _opt("lme", "stopping rule: 'lme' (the projected remaining change of the summed "
-                                    "Laplace log evidence), 'npl' (pyEM's rule on the NPL), 'group' (every "
-                                    "group hyperparameter stable for `group_window` steps)")
+    convergence: Any = _opt(None, "stopping rule: 'lme' (the projected remaining change of the summed "
+                                  "Laplace log evidence), 'npl' (pyEM's rule on the NPL), 'group' (every "
+                                  "group hyperparameter stable for `group_window` steps); default 'lme', or "
+                                  "'npl' when one of pyEM's NPL-rule options below is given")
     convergence_crit: float = _opt(1e-3, "tolerance of the 'lme' and 'npl' rules (nats; relative for "
                                          "convergence_custom='relative_npl')")
     convergence_type: Any = _opt(None, "pyEM's name: 'NPL' selects convergence='npl', 'LME' "
@@ -59,7 +60,8 @@ class FitOptions:
                         "device gives identical results")
     max_restarts: int = _opt(2, "restarts from draws of the group for subjects whose E-step fails")
     estep_maxit: int = _opt(200, "L-BFGS iterations per subject and E-step")
-    gtol: float = _opt(1e-5, "E-step gradient tolerance (largest absolute gradient entry, as scipy's BFGS)")
+    gtol: float = _opt(1e-5, "E-step gradient tolerance (largest absolute gradient entry, as scipy's BFGS); at least "
+                                 "sqrt(machine epsilon), 3.5e-4 in float32")
     hessian_chunk: int = _opt(20000, "subjects per exact-Hessian evaluation (bounds memory)")
     laplace_cap: float = _opt(4.0, "largest ratio of a subject's Laplace posterior variance to the group's "
                                    "along any direction (math.inf: no cap); capped subjects are flagged")
@@ -87,6 +89,10 @@ class FitOptions:
             if kind not in ("NPL", "LME"):
                 raise ValueError(f"convergence_type must be 'NPL' or 'LME', got {self.convergence_type!r}")
             self.convergence, self.convergence_type = kind.lower(), None
+        if self.convergence is None:  # pyEM's NPL-rule options select pyEM's rule
+            npl_options = (self.convergence_method != "sum" or self.convergence_custom is not None
+                           or self.convergence_precision != 6)
+            self.convergence = "npl" if npl_options else "lme"
         _choice("convergence", self.convergence, ("lme", "npl", "group"))
         _choice("convergence_method", self.convergence_method, ("sum", "mean", "median"))
         _choice("convergence_custom", self.convergence_custom, (None, "relative_npl", "running_average"))

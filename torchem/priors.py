@@ -126,6 +126,11 @@ class Prior:
         ref = self.mean
         return torch.rand(n, ref.shape[0], generator=generator, dtype=ref.dtype).to(ref.device)
 
+    def logpdf(self, x: Any) -> float:
+        """pyEM's method: the log density of one parameter vector ``x`` ``(P,)`` (float)."""
+        t = torch.as_tensor(x, dtype=self.mean.dtype, device=self.mean.device).reshape(1, -1)
+        return float(-self.neg_log_prior(t)[0])
+
     def describe(self) -> str:
         """One line naming the distribution and its values."""
         parts = [f"{f.name}={_short(getattr(self, f.name))}" for f in fields(self)]
