@@ -138,6 +138,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import alpha2norm, beta2norm, identity, norm2alpha, norm2beta
@@ -154,7 +155,7 @@ __all__ = [
 #: Default contaminant (lapse) probability of every trial.
 P_OUTLIER = 0.01
 #: Default Gauss-Legendre orders of the ``st`` and ``sz`` integrals of the seven-parameter models.
-N_ST, N_SZ = 7, 7
+N_ST, N_SZ = 7, 5
 
 # ----------------------------------------------------------------------------------------------------
 # Transforms (pyEM's caps)
@@ -254,14 +255,16 @@ def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, J: 
     by ``-expm1`` (positive, exact for small ``y``).
     """
     odd = (~near_lower).to(u.dtype)
+    inv = 1.0 / u
     pairs = []
     for j in range(1, J + 1):
         c = 2.0 * j - odd
         d = c - y
-        pairs.append(torch.log(d) - d * d / (2.0 * u)
-                     + torch.log(-torch.expm1(torch.log1p(2.0 * y / d) - 2.0 * c * y / u)))
-    log_pairs = torch.logsumexp(torch.stack(pairs, -1), -1)
-    log_g = torch.log(y) - y * y / (2.0 * u)
+        pairs.append(torch.log(d) - (d * d / 2.0) * inv + torch.log(-torch.expm1(torch.log1p(2.0 * y / d) - (2.0 * c * y) * inv)))
+    log_pairs = pairs[0]  # every later pair is far smaller than the first
+    if J > 1:
+        log_pairs = log_pairs + torch.log1p(sum(torch.exp(p - pairs[0]) for p in pairs[1:]))
+    log_g = torch.log(y) - (y * y / 2.0) * inv
     ratio = torch.where(near_lower, torch.exp(log_pairs - log_g), torch.zeros_like(u))  # <= 0.33 for u <= 1/4
     log_sum = torch.where(near_lower, log_g + torch.log1p(-ratio), log_pairs)
     return log_sum - _HALF_LOG_2PI - 1.5 * torch.log(u)
@@ -367,49 +370,55 @@ def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err
     non-decision time as the decision time ``s = rt - t0_trial`` over
     ``[max(rt - t0 - st/2, s_min), rt - t0 + st/2]`` in log time
     (``s = e^lambda``), where the density is a smooth bump that Gauss-Legendre
-    resolves even when the window starts at 0; ``s_min = (w a)^2 / 60`` cuts
-    the onset, where the density is below ``1e-10`` of its peak.
+    resolves even when the window starts at 0; ``s_min = (w a)^2 / 60`` (``w``
+    the start node nearest to the boundary) cuts the onset, where the density is
+    below ``1e-10`` of its peak.  Decision-time nodes vary along a leading
+    axis and start-point nodes along a second one, so what depends on only one
+    of them is computed once per node, not per pair.
     Returns ``(...)`` log densities holding ``_NEG`` where the density is zero.
     """
+    nd = max(x.dim() for x in (rt, v, a, t0, w, wbar))
+
+    def node_axis(x, axis):  # quadrature nodes lead, so trial tensors broadcast along contiguous memory
+        shape = [1, 1] + [1] * nd
+        shape[axis] = -1
+        return x.reshape(shape)
+
     extra = torch.zeros((), dtype=rt.dtype, device=rt.device)
     if sz is None:
-        wn, wbn = w[..., None, None], wbar[..., None, None]
+        wn, wbn = w[None, None], wbar[None, None]
     else:
-        xz, logw_z = _nodes(n_sz, rt)
+        xz, logw_z = (node_axis(q, 1) for q in _nodes(n_sz, rt))
         spread = sz > _SPREAD_MIN  # narrower spreads are points (their share of the density is below 1e-12)
         sz_q = torch.where(spread, sz, torch.ones_like(sz))  # safe inputs for the quadrature
         half = torch.where(spread, sz / 2.0, torch.zeros_like(sz))
         below, above = torch.minimum(half, w), torch.minimum(half, wbar)  # cut at the boundaries
         frac = torch.where(spread, (below + above) / sz_q, torch.ones_like(sz))
-        span = (below + above)[..., None]
-        wn = ((w - below)[..., None] + span * (1.0 + xz) / 2.0)[..., None, :]  # (..., 1, n_sz)
-        wbn = ((wbar - above)[..., None] + span * (1.0 - xz) / 2.0)[..., None, :]
-        extra = extra + torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny))[..., None, None] + logw_z
+        span = below + above
+        wn = (w - below) + span * (1.0 + xz) / 2.0  # (1, n_sz, ...)
+        wbn = (wbar - above) + span * (1.0 - xz) / 2.0
+        extra = extra + torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny)) + logw_z
     window = None
     if st is None:
-        dt = (rt - t0)[..., None, None]
+        dt = (rt - t0)[None, None]
     else:
-        xs, logw_s = _nodes(n_st, rt)
-        xs, logw_s = xs[:, None], logw_s[:, None]  # (n_st, 1)
-        spread = (st > _SPREAD_MIN)[..., None, None]
-        st_q = torch.where(spread, st[..., None, None], torch.ones_like(spread, dtype=st.dtype))
-        s_hi = (rt - t0)[..., None, None] + st_q / 2.0
-        s_lo = torch.maximum(s_hi - st_q, (wn * a[..., None, None]) ** 2 / 60.0).clamp_min(_T_MIN)  # (.., 1, n_sz)
+        xs, logw_s = (node_axis(q, 0) for q in _nodes(n_st, rt))
+        spread = st > _SPREAD_MIN
+        st_q = torch.where(spread, st, torch.ones_like(st))
+        s_hi = rt - t0 + st_q / 2.0
+        onset = (wn[:, :1] * a) ** 2 / 60.0  # of the start node nearest to the boundary
+        s_lo = torch.maximum(s_hi - st_q, onset).clamp_min(_T_MIN)
         window = s_lo < s_hi
         span = torch.log1p(torch.where(window, s_hi - s_lo, s_lo) / s_lo)  # log(s_hi / s_lo) where not empty
-        lam = torch.log(s_lo) + span * (1.0 + xs) / 2.0  # (..., n_st, n_sz)
-        dt = torch.where(spread, torch.exp(lam), (rt - t0)[..., None, None])
+        lam = torch.log(s_lo) + span * (1.0 + xs) / 2.0  # (n_st, 1, ...): the times are shared by all start nodes
+        dt = torch.where(spread, torch.exp(lam), rt - t0)
         extra = extra + logw_s + torch.where(spread, torch.log(span / st_q) + lam, torch.zeros_like(lam))
         window = window | ~spread
-
-    def nodes(x):
-        return x if x is None else x[..., None, None]
-
-    log_p, valid = _wfpt_lower(dt, nodes(v), nodes(a), wn, wbn, nodes(sv), err)
+    log_p, valid = _wfpt_lower(dt, v, a, wn, wbn, sv, err)
     if window is not None:
         valid = valid & window
-    out = torch.logsumexp((log_p + extra).flatten(-2), -1)
-    return torch.where(valid.flatten(-2).any(-1), out, torch.full_like(out, _NEG))
+    out = torch.logsumexp(log_p + extra, (0, 1))
+    return torch.where(valid.flatten(0, 1).any(0), out, torch.full_like(out, _NEG))
 
 
 def wfpt_marginal_logpdf(rt, v, a, z, t0, sv=0.0, st=0.0, sz=0.0, *, n_st: int = N_ST, n_sz: int = N_SZ,
@@ -568,8 +577,9 @@ def ddm_trial_logpdf(rt: torch.Tensor, choice: torch.Tensor, v, a, t0, z, sv=Non
         return log_ddm, torch.full_like(log_ddm, -math.inf)
     rt_max = rt.amax() if rt_max is None else rt_max
     log_c = (math.log(p_outlier / 2.0) - torch.log(rt_max)).expand_as(log_ddm)
-    # logsumexp, not logaddexp: the latter's second derivative is NaN when the terms are far apart
-    return torch.logsumexp(torch.stack([math.log1p(-p_outlier) + log_ddm, log_c]), 0), log_c
+    # log(c + (1 - p) p_ddm) as log c + softplus(...); torch.logaddexp's second derivative is NaN when the
+    # terms are far apart.  Above 40 softplus(x) = x to within exp(-40).
+    return log_c + F.softplus(log_ddm + (math.log1p(-p_outlier) - log_c), threshold=40.0), log_c
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,7 +657,7 @@ _FIT_DOC = """
 
 _QUAD_DOC = """
     n_st, n_sz : int
-        Gauss-Legendre orders of the ``st`` and ``sz`` integrals (default 7 each)."""
+        Gauss-Legendre orders of the ``st`` and ``sz`` integrals (default 7 and 5)."""
 
 
 def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, variability: bool):
