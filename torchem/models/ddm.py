@@ -537,9 +537,9 @@ def ddm_trial_logpdf(rt: torch.Tensor, choice: torch.Tensor, v, a, t0, z, sv=Non
 
     Parameters
     ----------
-    rt, choice : Tensor
+    rt, choice : Tensor or array_like
         Response times (seconds) and choices (1 upper, 0 lower), same shape ``(...)``.
-    v, a, t0, z : Tensor
+    v, a, t0, z : Tensor, array_like or float
         Drift, boundary separation, non-decision time and relative start,
         broadcasting against ``rt``.
     sv, st, sz : Tensor, optional
@@ -568,6 +568,11 @@ def ddm_trial_logpdf(rt: torch.Tensor, choice: torch.Tensor, v, a, t0, z, sv=Non
     """
     if not 0.0 <= p_outlier < 1.0:
         raise ValueError(f"p_outlier must be in [0, 1), got {p_outlier}")
+    given = [x for x in (rt, choice, v, a, t0, z, sv, st, sz, zbar, rt_max) if x is not None]
+    if not all(isinstance(x, torch.Tensor) for x in given):
+        conv = iter(_as_tensors(*given))
+        rt, choice, v, a, t0, z, sv, st, sz, zbar, rt_max = (
+            None if x is None else next(conv) for x in (rt, choice, v, a, t0, z, sv, st, sz, zbar, rt_max))
     zbar = 1.0 - z if zbar is None else zbar
     upper = choice > 0.5
     v_low = torch.where(upper, -v, v)  # the upper boundary is the lower one of the mirrored process
