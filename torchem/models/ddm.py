@@ -246,51 +246,189 @@ def series_terms(err: float = 1e-12) -> tuple[int, int]:
     return max(J_even, J_odd), K
 
 
-def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, J: int) -> torch.Tensor:
-    """``log f(u | w)`` from the small-time series; ``y = min(w, 1 - w)``, ``near_lower = w <= 1/2``.
+# ``log f`` and its derivatives in (u, y) are computed by hand, without autograd: a value-only evaluation
+# for calls that need no gradient, value and first derivatives for a gradient, and the second derivatives
+# only when a Hessian asks for them (two small autograd Functions hand them over).  A likelihood keeps a few
+# tensors per quadrature node instead of every intermediate of the series, and its gradient and exact
+# Hessian (torch.func) cost a few products per node.
+def _log_pair(c, y, u, order: int):
+    """``log[g(c - y) - g(c + y)]``, ``g(r) = r exp(-r^2 / 2u)``, and its derivatives up to ``order``.
 
-    ``w <= 1/2``: ``g(y) - sum_{c = 2, 4, ..} [g(c - y) - g(c + y)]``;
-    ``w > 1/2``: ``sum_{c = 1, 3, ..} [g(c - y) - g(c + y)]``; every pair is
-    ``(c - y) e^{-(c - y)^2 / 2u} (1 - (c + y)/(c - y) e^{-2 c y / u})``, the bracket
-    by ``-expm1`` (positive, exact for small ``y``).
+    Returns ``(v,)``, ``(v, v_u, v_y)`` or ``(v, v_u, v_y, v_uu, v_uy, v_yy)``.
+    ``g(c - y) - g(c + y) = (c - y) exp(-(c - y)^2 / 2u) (1 - e^h)``,
+    ``h = log((c + y)/(c - y)) - 2 c y / u < 0``, with ``log(1 - e^h)`` by
+    ``-expm1``: exact for small ``y`` (needs ``c >= 1``, ``y <= 1/2``, ``u <= 1/4``).
+    """
+    d = c - y
+    iu = 1.0 / u
+    h = torch.log1p(2.0 * y / d) - 2.0 * c * y * iu
+    em = torch.expm1(h)  # in (-1, 0)
+    val = torch.log(d) - 0.5 * d * d * iu + torch.log(-em)
+    if order == 0:
+        return (val,)
+    iu2 = iu * iu
+    beta = (em + 1.0) / em  # d log(1 - e^h) / dh
+    h_u, h_y = 2.0 * c * y * iu2, 1.0 / (c + y) + 1.0 / d - 2.0 * c * iu
+    first = (val, 0.5 * d * d * iu2 + beta * h_u, -1.0 / d + d * iu + beta * h_y)
+    if order == 1:
+        return first
+    dbeta = -(em + 1.0) / (em * em)
+    h_uu, h_uy = -4.0 * c * y * iu2 * iu, 2.0 * c * iu2
+    h_yy = 1.0 / (d * d) - 1.0 / ((c + y) * (c + y))
+    return first + (-d * d * iu2 * iu + beta * h_uu + dbeta * h_u * h_u,
+                    -d * iu2 + beta * h_uy + dbeta * h_u * h_y,
+                    -1.0 / (d * d) - iu + beta * h_yy + dbeta * h_y * h_y)
+
+
+def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, J: int, order: int):
+    """Small-time ``log f`` and its derivatives up to ``order``; ``y = min(w, 1 - w)``, ``near_lower = w <= 1/2``.
+
+    ``w <= 1/2``: ``g(y) (1 - sum_{c = 2, 4, ..} pair_c / g(y))``; ``w > 1/2``:
+    ``pair_1 (1 + sum_{c = 3, 5, ..} pair_c / pair_1)``.  Every ratio is small
+    (their sums stay below 0.33 and 0.009 for ``u <= 1/4``), so
+    ``log f = log lead + log1p(-+Q)`` has no cancellation.
     """
     odd = (~near_lower).to(u.dtype)
-    inv = 1.0 / u
-    pairs = []
+    iu = 1.0 / u
+    g = (torch.log(y) - 0.5 * y * y * iu, 0.5 * y * y * iu * iu, 1.0 / y - y * iu, -y * y * iu * iu * iu,
+         y * iu * iu, -1.0 / (y * y) - iu)[:(1, 3, 6)[order]]  # log g(y) and its derivatives
+    lead = tuple(torch.where(near_lower, a, b) for a, b in zip(g, _log_pair(1.0, y, u, order)))
+    sign = 2.0 * odd - 1.0  # -1 near the lower boundary, +1 near the upper one
+    q = [0.0] * 6  # Q and its derivatives: u, y, uu, uy, yy
     for j in range(1, J + 1):
-        c = 2.0 * j - odd
-        d = c - y
-        pairs.append(torch.log(d) - (d * d / 2.0) * inv + torch.log(-torch.expm1(torch.log1p(2.0 * y / d) - (2.0 * c * y) * inv)))
-    log_pairs = pairs[0]  # every later pair is far smaller than the first
-    if J > 1:
-        log_pairs = log_pairs + torch.log1p(sum(torch.exp(p - pairs[0]) for p in pairs[1:]))
-    log_g = torch.log(y) - (y * y / 2.0) * inv
-    ratio = torch.where(near_lower, torch.exp(log_pairs - log_g), torch.zeros_like(u))  # <= 0.33 for u <= 1/4
-    log_sum = torch.where(near_lower, log_g + torch.log1p(-ratio), log_pairs)
-    return log_sum - _HALF_LOG_2PI - 1.5 * torch.log(u)
+        pair = _log_pair(2.0 * j + odd, y, u, order)
+        r = torch.exp(pair[0] - lead[0])
+        q[0] = q[0] + r
+        if order:
+            a_u, a_y = pair[1] - lead[1], pair[2] - lead[2]
+            q[1], q[2] = q[1] + r * a_u, q[2] + r * a_y
+        if order == 2:
+            q[3] = q[3] + r * (pair[3] - lead[3] + a_u * a_u)
+            q[4] = q[4] + r * (pair[4] - lead[4] + a_u * a_y)
+            q[5] = q[5] + r * (pair[5] - lead[5] + a_y * a_y)
+    den = 1.0 + sign * q[0]
+    out = (lead[0] + torch.log(den) - _HALF_LOG_2PI - 1.5 * torch.log(u),)
+    if order == 0:
+        return out
+    f_u, f_y = sign * q[1] / den, sign * q[2] / den
+    out = out + (lead[1] + f_u - 1.5 * iu, lead[2] + f_y)
+    if order == 1:
+        return out
+    return out + (lead[3] + sign * q[3] / den - f_u * f_u + 1.5 * iu * iu, lead[4] + sign * q[4] / den - f_u * f_y,
+                  lead[5] + sign * q[5] / den - f_y * f_y)
 
 
-def _log_f_large(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, K: int) -> torch.Tensor:
-    """``log f(u | w)`` from the large-time series as leading term times ``1 + sum_k k e^{..} U_{k-1}(cos pi w)``."""
-    cos = torch.cos(math.pi * y)
-    x = torch.where(near_lower, cos, -cos)  # cos(pi w)
-    u_prev, u_cur = torch.ones_like(x), 2.0 * x  # Chebyshev U_0, U_1
-    rest = torch.zeros_like(u)
+def _log_f_large(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, K: int, order: int):
+    """Large-time ``log f`` and its derivatives up to ``order``: the leading term times ``1 + R``,
+    ``R = sum_{k=2..K} k e^{-(k^2 - 1) pi^2 u / 2} U_{k-1}(cos pi w)`` (``|R| <= 0.1`` for ``u >= 1/4``;
+    Chebyshev polynomials of the second kind, so ``sin(k pi w) / sin(pi w)`` needs no division).
+    """
+    cos, sin = torch.cos(math.pi * y), torch.sin(math.pi * y)
+    sgn = 2.0 * near_lower.to(u.dtype) - 1.0
+    x = sgn * cos  # cos(pi w)
+    # U_{k-1}(x) and its first two derivatives by the three-term recurrence
+    U, dU, ddU = torch.ones_like(x), torch.zeros_like(x), torch.zeros_like(x)
+    U1, dU1, ddU1 = 2.0 * x, torch.full_like(x, 2.0), torch.zeros_like(x)
+    R = R_u = R_uu = R_x = R_xx = R_ux = 0.0
     for k in range(2, K + 1):
-        rest = rest + k * torch.exp(-(k * k - 1) * _PI2_2 * u) * u_cur
-        u_prev, u_cur = u_cur, 2.0 * x * u_cur - u_prev
-    return _LOG_PI - _PI2_2 * u + torch.log(torch.sin(math.pi * y)) + torch.log1p(rest)
+        lam = (k * k - 1) * _PI2_2
+        qk = k * torch.exp(-lam * u)
+        R = R + qk * U1
+        if order:
+            R_u, R_x = R_u - lam * qk * U1, R_x + qk * dU1
+        if order == 2:
+            R_uu, R_xx, R_ux = R_uu + lam * lam * qk * U1, R_xx + qk * ddU1, R_ux - lam * qk * dU1
+        U, U1 = U1, 2.0 * x * U1 - U
+        if order:
+            dU, dU1 = dU1, 2.0 * U + 2.0 * x * dU1 - dU  # U is U_{k-1} now
+        if order == 2:
+            ddU, ddU1 = ddU1, 4.0 * dU + 2.0 * x * ddU1 - ddU
+    out = (_LOG_PI - _PI2_2 * u + torch.log(sin) + torch.log1p(R),)
+    if order == 0:
+        return out
+    den = 1.0 + R
+    x_y = -sgn * math.pi * sin
+    r_u, r_y = R_u / den, R_x * x_y / den
+    out = out + (r_u - _PI2_2, math.pi * cos / sin + r_y)
+    if order == 1:
+        return out
+    x_yy = -(math.pi ** 2) * x
+    return out + (R_uu / den - r_u * r_u, R_ux * x_y / den - r_u * r_y,
+                  -(math.pi ** 2) / (sin * sin) + (R_xx * x_y * x_y + R_x * x_yy) / den - r_y * r_y)
+
+
+def _log_f_parts(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, J: int, K: int, order: int):
+    """``log f`` (and derivatives up to ``order``) from the series of each element's range."""
+    small = u < _U_SWITCH
+    us = torch.where(small, u, torch.full_like(u, _U_SWITCH))  # each series sees only its own range
+    ul = torch.where(small, torch.full_like(u, _U_SWITCH), u)
+    return tuple(torch.where(small, a, b) for a, b in zip(_log_f_small(us, y, near_lower, J, order),
+                                                           _log_f_large(ul, y, near_lower, K, order)))
+
+
+def _reduce(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``grad`` over the axes along which an input of ``shape`` was broadcast."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    return grad.sum(axes, keepdim=True).reshape(shape)
+
+
+class _LogFDerivatives(torch.autograd.Function):
+    """``(dl/du, dl/dy)`` as computed in the forward pass; its backward brings the second derivatives."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u, y, d_u, d_y, near_lower, J, K):
+        return d_u.clone(), d_y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, y, _, _, near_lower, J, K = inputs
+        ctx.save_for_backward(u, y, near_lower)
+        ctx.terms = (J, K)
+
+    @staticmethod
+    def backward(ctx, g_u, g_y):
+        u, y, near_lower = ctx.saved_tensors
+        _, _, _, d_uu, d_uy, d_yy = _log_f_parts(u, y, near_lower, *ctx.terms, order=2)
+        return (_reduce(g_u * d_uu + g_y * d_uy, u.shape), _reduce(g_u * d_uy + g_y * d_yy, y.shape),
+                None, None, None, None, None)
+
+
+class _LogF(torch.autograd.Function):
+    """``log f(u | y)`` with exact first and second derivatives (third ones are not available)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u, y, near_lower, J, K):
+        return _log_f_parts(u, y, near_lower, J, K, order=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, y, near_lower, J, K = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(u, y, near_lower, *output[1:])
+        ctx.terms = (J, K)
+
+    @staticmethod
+    def backward(ctx, g, *unused):
+        u, y, near_lower, d_u, d_y = ctx.saved_tensors
+        l_u, l_y = _LogFDerivatives.apply(u, y, d_u, d_y, near_lower, *ctx.terms)
+        return _reduce(g * l_u, u.shape), _reduce(g * l_y, y.shape), None, None, None
 
 
 def _log_f(u: torch.Tensor, w: torch.Tensor, wbar: torch.Tensor, err: float) -> torch.Tensor:
     """``log f(u | w)`` of the standardized driftless process; ``wbar = 1 - w`` given separately (exactly)."""
     J, K = series_terms(err)
-    near_lower = w <= 0.5
+    near_lower = (w <= 0.5).detach()
     y = torch.where(near_lower, w, wbar).clamp_min(torch.finfo(u.dtype).tiny)  # a start on a boundary: its nearest float
-    small = (u < _U_SWITCH).detach()
-    u_small = torch.where(small, u, torch.full_like(u, _U_SWITCH))  # each series sees only its own range
-    u_large = torch.where(small, torch.full_like(u, _U_SWITCH), u)
-    return torch.where(small, _log_f_small(u_small, y, near_lower, J), _log_f_large(u_large, y, near_lower, K))
+    if torch.is_grad_enabled() and (u.requires_grad or y.requires_grad):
+        return _LogF.apply(u, y, near_lower, J, K)[0]
+    return _log_f_parts(u, y, near_lower, J, K, order=0)[0]
 
 
 def _wfpt_lower(t: torch.Tensor, v: torch.Tensor, a: torch.Tensor, w: torch.Tensor, wbar: torch.Tensor,
