@@ -195,7 +195,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @functools.lru_cache(maxsize=None)
-def series_terms(err: float = 1e-12) -> tuple[int, int]:
+def series_terms(err: float = 1e-12) -> tuple[int, int, int]:
     """Numbers of terms of the two series for a relative error of the density below ``err``.
 
     The bounds hold uniformly in the start point ``w`` and the normalized
@@ -222,7 +222,9 @@ def series_terms(err: float = 1e-12) -> tuple[int, int]:
     Returns
     -------
     tuple of int
-        ``(J, K)``: pairs of the small-time series and terms of the large-time series.
+        ``(J_even, J_odd, K)``: pairs of the small-time series after its leading
+        term for ``w <= 1/2`` (centres 2, 4, ..) and for ``w > 1/2`` (centres 3, 5, ..,
+        after the leading pair at 1), and terms of the large-time series.
     """
     if not 0.0 < err < 1.0:
         raise ValueError(f"err must be in (0, 1), got {err}")
@@ -242,8 +244,8 @@ def series_terms(err: float = 1e-12) -> tuple[int, int]:
     K = next(K for K in range(1, 100) if large_tail(K) / (1.0 - large_tail(1)) < err)
     lead_even = 1.0 - sum(even(2 * j) for j in range(1, 40))  # the w <= 1/2 series over its leading term
     J_even = next(J for J in range(1, 100) if sum(even(2 * j) for j in range(J + 1, J + 40)) / lead_even < err)
-    J_odd = next(J for J in range(1, 100) if sum(odd(2 * j + 1) for j in range(J, J + 40)) < err)
-    return max(J_even, J_odd), K
+    J_odd = next(J for J in range(0, 100) if sum(odd(2 * j + 1) for j in range(J + 1, J + 40)) < err)
+    return J_even, J_odd, K
 
 
 # ``log f`` and its derivatives in (u, y) are computed by hand, without autograd: a value-only evaluation
@@ -280,23 +282,24 @@ def _log_pair(c, y, u, order: int):
                     -1.0 / (d * d) - iu + beta * h_yy + dbeta * h_y * h_y)
 
 
-def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, J: int, order: int):
-    """Small-time ``log f`` and its derivatives up to ``order``; ``y = min(w, 1 - w)``, ``near_lower = w <= 1/2``.
+def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: bool, J: int, order: int):
+    """Small-time ``log f`` and its derivatives up to ``order``; ``y = min(w, 1 - w)``.
 
-    ``w <= 1/2``: ``g(y) (1 - sum_{c = 2, 4, ..} pair_c / g(y))``; ``w > 1/2``:
-    ``pair_1 (1 + sum_{c = 3, 5, ..} pair_c / pair_1)``.  Every ratio is small
-    (their sums stay below 0.33 and 0.009 for ``u <= 1/4``), so
+    ``near_lower`` (``w <= 1/2``): ``g(y) (1 - sum_{c = 2, 4, ..} pair_c / g(y))``; else
+    ``pair_1 (1 + sum_{c = 3, 5, ..} pair_c / pair_1)``; ``J`` pairs in the sum.  Every
+    ratio is small (their sums stay below 0.33 and 0.009 for ``u <= 1/4``), so
     ``log f = log lead + log1p(-+Q)`` has no cancellation.
     """
-    odd = (~near_lower).to(u.dtype)
     iu = 1.0 / u
-    g = (torch.log(y) - 0.5 * y * y * iu, 0.5 * y * y * iu * iu, 1.0 / y - y * iu, -y * y * iu * iu * iu,
-         y * iu * iu, -1.0 / (y * y) - iu)[:(1, 3, 6)[order]]  # log g(y) and its derivatives
-    lead = tuple(torch.where(near_lower, a, b) for a, b in zip(g, _log_pair(1.0, y, u, order)))
-    sign = 2.0 * odd - 1.0  # -1 near the lower boundary, +1 near the upper one
+    if near_lower:
+        lead = (torch.log(y) - 0.5 * y * y * iu, 0.5 * y * y * iu * iu, 1.0 / y - y * iu, -y * y * iu * iu * iu,
+                y * iu * iu, -1.0 / (y * y) - iu)[:(1, 3, 6)[order]]  # log g(y) and its derivatives
+    else:
+        lead = _log_pair(1.0, y, u, order)
+    sign = -1.0 if near_lower else 1.0
     q = [0.0] * 6  # Q and its derivatives: u, y, uu, uy, yy
     for j in range(1, J + 1):
-        pair = _log_pair(2.0 * j + odd, y, u, order)
+        pair = _log_pair(2.0 * j + (0.0 if near_lower else 1.0), y, u, order)
         r = torch.exp(pair[0] - lead[0])
         q[0] = q[0] + r
         if order:
@@ -357,13 +360,45 @@ def _log_f_large(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, K: 
                   -(math.pi ** 2) / (sin * sin) + (R_xx * x_y * x_y + R_x * x_yy) / den - r_y * r_y)
 
 
-def _log_f_parts(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, J: int, K: int, order: int):
-    """``log f`` (and derivatives up to ``order``) from the series of each element's range."""
+def _log_f_where(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, terms: tuple[int, int, int],
+                 order: int):
+    """:func:`_log_f_parts` by running every series on every element (each fed only values of its own
+    range, so none produces NaN) and picking with ``torch.where``: no masked selections, no host syncs."""
+    J_even, J_odd, K = terms
     small = u < _U_SWITCH
-    us = torch.where(small, u, torch.full_like(u, _U_SWITCH))  # each series sees only its own range
+    us = torch.where(small, u, torch.full_like(u, _U_SWITCH))
     ul = torch.where(small, torch.full_like(u, _U_SWITCH), u)
-    return tuple(torch.where(small, a, b) for a, b in zip(_log_f_small(us, y, near_lower, J, order),
-                                                           _log_f_large(ul, y, near_lower, K, order)))
+    parts = zip(_log_f_small(us, y, True, J_even, order), _log_f_small(us, y, False, J_odd, order),
+                _log_f_large(ul, y, near_lower, K, order))
+    return tuple(torch.where(small, torch.where(near_lower, a, b), c) for a, b, c in parts)
+
+
+def _log_f_parts(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, terms: tuple[int, int, int],
+                 order: int):
+    """``log f`` (and derivatives up to ``order``) from the series of each element's range and side.
+
+    On the CPU the large-time series runs on all elements (cheap: its
+    exponentials depend on time only, its sines on the start only) and the
+    small-time series only on the elements that need it, each by the form of
+    its side; on a GPU, where masked selections synchronize with the host, by
+    :func:`_log_f_where`.
+    """
+    if u.device.type != "cpu":
+        return _log_f_where(u, y, near_lower, terms, order)
+    J_even, J_odd, K = terms
+    shape = torch.broadcast_shapes(u.shape, y.shape, near_lower.shape)
+    small = u < _U_SWITCH
+    large = _log_f_large(torch.where(small, torch.full_like(u, _U_SWITCH), u), y, near_lower, K, order)
+    out = [x.expand(shape).contiguous() for x in large]
+    small, near = small.expand(shape).reshape(-1), near_lower.expand(shape).reshape(-1)
+    if not bool(small.any()):
+        return tuple(out)
+    uu, yy = u.expand(shape).reshape(-1), y.expand(shape).reshape(-1)
+    for side, J in ((True, J_even), (False, J_odd)):
+        idx = (small & (near if side else ~near)).nonzero().squeeze(1)
+        for o, part in zip(out, _log_f_small(uu[idx], yy[idx], side, J, order)):
+            o.view(-1)[idx] = part
+    return tuple(out)
 
 
 def _reduce(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -381,21 +416,21 @@ class _LogFDerivatives(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(u, y, d_u, d_y, near_lower, J, K):
+    def forward(u, y, d_u, d_y, near_lower, terms):
         return d_u.clone(), d_y.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, y, _, _, near_lower, J, K = inputs
+        u, y, _, _, near_lower, terms = inputs
         ctx.save_for_backward(u, y, near_lower)
-        ctx.terms = (J, K)
+        ctx.terms = terms
 
     @staticmethod
     def backward(ctx, g_u, g_y):
         u, y, near_lower = ctx.saved_tensors
-        _, _, _, d_uu, d_uy, d_yy = _log_f_parts(u, y, near_lower, *ctx.terms, order=2)
+        _, _, _, d_uu, d_uy, d_yy = _log_f_parts(u, y, near_lower, ctx.terms, order=2)
         return (_reduce(g_u * d_uu + g_y * d_uy, u.shape), _reduce(g_u * d_uy + g_y * d_yy, y.shape),
-                None, None, None, None, None)
+                None, None, None, None)
 
 
 class _LogF(torch.autograd.Function):
@@ -404,52 +439,62 @@ class _LogF(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(u, y, near_lower, J, K):
-        return _log_f_parts(u, y, near_lower, J, K, order=1)
+    def forward(u, y, near_lower, terms):
+        return _log_f_parts(u, y, near_lower, terms, order=1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        u, y, near_lower, J, K = inputs
+        u, y, near_lower, terms = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(u, y, near_lower, *output[1:])
-        ctx.terms = (J, K)
+        ctx.terms = terms
 
     @staticmethod
     def backward(ctx, g, *unused):
         u, y, near_lower, d_u, d_y = ctx.saved_tensors
-        l_u, l_y = _LogFDerivatives.apply(u, y, d_u, d_y, near_lower, *ctx.terms)
-        return _reduce(g * l_u, u.shape), _reduce(g * l_y, y.shape), None, None, None
+        l_u, l_y = _LogFDerivatives.apply(u, y, d_u, d_y, near_lower, ctx.terms)
+        return _reduce(g * l_u, u.shape), _reduce(g * l_y, y.shape), None, None
 
 
 def _log_f(u: torch.Tensor, w: torch.Tensor, wbar: torch.Tensor, err: float) -> torch.Tensor:
     """``log f(u | w)`` of the standardized driftless process; ``wbar = 1 - w`` given separately (exactly)."""
-    J, K = series_terms(err)
+    terms = series_terms(err)
     near_lower = (w <= 0.5).detach()
     y = torch.where(near_lower, w, wbar).clamp_min(torch.finfo(u.dtype).tiny)  # a start on a boundary: its nearest float
     if torch.is_grad_enabled() and (u.requires_grad or y.requires_grad):
-        return _LogF.apply(u, y, near_lower, J, K)[0]
-    return _log_f_parts(u, y, near_lower, J, K, order=0)[0]
+        return _LogF.apply(u, y, near_lower, terms)[0]
+    return _log_f_parts(u, y, near_lower, terms, order=0)[0]
 
 
 def _wfpt_lower(t: torch.Tensor, v: torch.Tensor, a: torch.Tensor, w: torch.Tensor, wbar: torch.Tensor,
-                sv: torch.Tensor | None, err: float) -> tuple[torch.Tensor, torch.Tensor]:
+                sv: torch.Tensor | None, err: float, add_t=0.0, add_w=0.0,
+                keep=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower-boundary log density at decision times ``t`` and where it is positive (``(log p, valid)``).
 
-    Below a decision time of 1 microsecond (including ``t <= 0``) the density
-    is taken as zero and the returned log density holds ``_NEG``; gradients there are 0.
+    ``add_t`` / ``add_w`` are added to the log density (e.g. log quadrature
+    weights) and ``keep`` (bool) masks times out; each is folded into the terms
+    that depend on the time alone or on the start alone, so that with times
+    and starts on different axes few operations touch every (time, start) pair.
+    Below a decision time of 1 microsecond (including ``t <= 0``), and where
+    ``keep`` is false, the density is taken as zero: the log density holds
+    ``_NEG`` there (and its gradients are 0).
     """
     a = a.clamp_min(1e-6)
     a2 = a * a
     valid = (t > _T_MIN).detach()
+    if keep is not None:
+        valid = valid & keep
     t = torch.where(valid, t, a2)  # a harmless time where the density is zero
     log_f = _log_f(t / a2, w, wbar, err)
     if sv is None:
-        log_p = log_f - torch.log(a2) - v * a * w - 0.5 * v * v * t
+        by_t = add_t - torch.log(a2) - 0.5 * v * v * t
+        log_p = log_f + torch.where(valid, by_t, _NEG) + (add_w - v * a * w)
     else:
         s2 = sv * sv
-        den = 1.0 + s2 * t
-        log_p = log_f - torch.log(a2) - 0.5 * torch.log(den) + (a2 * w * w * s2 - 2.0 * a * v * w - v * v * t) / (2 * den)
-    return torch.where(valid, log_p, torch.full_like(log_p, _NEG)), valid
+        half_inv = 0.5 / (1.0 + s2 * t)
+        by_t = add_t - torch.log(a2) + 0.5 * torch.log(2.0 * half_inv) - v * v * t * half_inv
+        log_p = log_f + torch.where(valid, by_t, _NEG) + (a2 * s2 * w - 2.0 * a * v) * w * half_inv + add_w
+    return log_p, valid
 
 
 def _as_tensors(*values):
@@ -484,7 +529,7 @@ def wfpt_logpdf(rt, v, a, z, sv=0.0, *, err: float = 1e-12) -> torch.Tensor:
     """
     rt, v, a, z, sv = _as_tensors(rt, v, a, z, sv)
     log_p, valid = _wfpt_lower(rt, v, a, z, 1.0 - z, sv, err)
-    return torch.where(valid, log_p, torch.full_like(log_p, -math.inf))
+    return torch.where(valid, log_p, -math.inf)
 
 
 @functools.lru_cache(maxsize=None)
@@ -522,7 +567,7 @@ def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err
         shape[axis] = -1
         return x.reshape(shape)
 
-    extra = torch.zeros((), dtype=rt.dtype, device=rt.device)
+    add_w = add_t = 0.0
     if sz is None:
         wn, wbn = w[None, None], wbar[None, None]
     else:
@@ -535,8 +580,8 @@ def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err
         span = below + above
         wn = (w - below) + span * (1.0 + xz) / 2.0  # (1, n_sz, ...)
         wbn = (wbar - above) + span * (1.0 - xz) / 2.0
-        extra = extra + torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny)) + logw_z
-    window = None
+        add_w = torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny)) + logw_z
+    keep = None
     if st is None:
         dt = (rt - t0)[None, None]
     else:
@@ -550,12 +595,10 @@ def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err
         span = torch.log1p(torch.where(window, s_hi - s_lo, s_lo) / s_lo)  # log(s_hi / s_lo) where not empty
         lam = torch.log(s_lo) + span * (1.0 + xs) / 2.0  # (n_st, 1, ...): the times are shared by all start nodes
         dt = torch.where(spread, torch.exp(lam), rt - t0)
-        extra = extra + logw_s + torch.where(spread, torch.log(span / st_q) + lam, torch.zeros_like(lam))
-        window = window | ~spread
-    log_p, valid = _wfpt_lower(dt, v, a, wn, wbn, sv, err)
-    if window is not None:
-        valid = valid & window
-    out = torch.logsumexp(log_p + extra, (0, 1))
+        add_t = logw_s + torch.where(spread, torch.log(span / st_q) + lam, torch.zeros_like(lam))
+        keep = window | ~spread
+    log_p, valid = _wfpt_lower(dt, v, a, wn, wbn, sv, err, add_t, add_w, keep)
+    out = torch.logsumexp(log_p, (0, 1))
     return torch.where(valid.flatten(0, 1).any(0), out, torch.full_like(out, _NEG))
 
 
