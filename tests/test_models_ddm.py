@@ -419,7 +419,7 @@ def test_fit_pyem_simulated_csv_with_emmodel_and_the_command_line(tmp_path, caps
     r = {n: np.corrcoef(true[n], est[n])[0, 1] for n in ("v_coef", "a", "t0", "z")}
     print("ddm4 on pyEM's simulation (40 x 150), Pearson r:", {k: round(v, 3) for k, v in r.items()})
     assert res.convergence and res.hessian_ok.all()
-    assert r["v_coef"] > 0.85 and r["a"] > 0.9 and r["t0"] > 0.9 and r["z"] > 0.85
+    assert r["v_coef"] > 0.9 and r["a"] > 0.96 and r["t0"] > 0.96 and r["z"] > 0.92  # measured .93 .98 .98 .95
     csv, out = tmp_path / "ddm.csv", tmp_path / "params.csv"
     df.to_csv(csv, index=False)
     assert cli_main(["fit", str(csv), "--model", "ddm4", "--trial", "trial", "--out", str(out), "--nsamples",
