@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import evidence, plotting
+from . import crossval, evidence, plotting, ppc
 from .data import SubjectBatch
-from .em import FitResult, IterationState, neg_log_posterior, run_em
+from .em import FitResult, IterationState, run_em
 from .groups import GaussianGroup
 from .importance import importance_sample, pairs_per_call
 from .model import Model
+from .posterior import log_posterior
 
 __all__ = ["EMModel", "resolve_device"]
 
@@ -124,6 +125,16 @@ class EMModel:
             raise RuntimeError("the model is not fitted yet: call fit() first")
         return self.result
 
+    def with_data(self, all_data: Sequence[Sequence[Any]] | SubjectBatch, input_names: Sequence[str] | None = None,
+                  ) -> "EMModel":
+        """An unfitted copy of this model (likelihood, names, transforms, simulator, device, dtype) on other data.
+
+        ``all_data`` is pyEM-style lists (fields named ``input_names``) or a :class:`SubjectBatch`.
+        """
+        return EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform, self.simulate_func,
+                       per_subject=self.model.per_subject, input_names=input_names, device=self.device,
+                       dtype=self.dtype)
+
     # ------------------------------------------------------------------- fit
     def fit(self, *, verbose: int = 1, seed: int | None = 0, callback: Callable[[IterationState], Any] | None = None,
             njobs: int | None = None, **options: Any) -> FitResult:
@@ -227,10 +238,9 @@ class EMModel:
             se = torch.zeros_like(lap)
             good = res.hessian_ok
         elif method == "importance":
-            fun = neg_log_posterior(self.model, self.batch, GaussianGroup(res.posterior_mu, res.posterior_cov))
             gen = torch.Generator()
             gen.manual_seed(0 if seed is None else int(seed))
-            isr = importance_sample(lambda th, i: -fun(th, i), res.m, res.inv_h, nsamples, gen,
+            isr = importance_sample(log_posterior(self.model, self.batch, res), res.m, res.inv_h, nsamples, gen,
                                     chunk=pairs_per_call(self.batch.mask[0].numel(), self.device))
             lap, se, good = isr.log_evidence, isr.log_evidence_se, res.hessian_ok & (isr.ess >= min_ess)
         else:
@@ -340,9 +350,7 @@ class EMModel:
             if missing:
                 raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
             all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
-            twin = EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform,
-                           self.simulate_func, per_subject=self.model.per_subject, input_names=keys,
-                           device=self.device, dtype=self.dtype)
+            twin = self.with_data(all_data, input_names=keys)
             result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
             est = result.natural_params().detach().cpu().numpy()
             estimates.append(est)
@@ -358,3 +366,91 @@ class EMModel:
         """Simulated against estimated scatter per parameter, with r; returns the figure."""
         return plotting.plot_recovery(recovery_dict["true_params"], recovery_dict["estimated_params"],
                                       recovery_dict.get("param_names", self.param_names), figsize=figsize)
+
+    # ------------------------------------------------- predictive checks
+    def ppc(self, nsims: int = 100, draws: str = "posterior", seed: int | None = 0, statistics: Any = None, *,
+            builtin: bool = True, family: "ppc.Family | None" = None, chunk: int | None = None,
+            nsamples: int = 2000, verbose: int = 0) -> "ppc.PPCResult":
+        """Posterior predictive check: simulate every subject ``nsims`` times and compare summary statistics.
+
+        Parameters
+        ----------
+        nsims : int
+            Replicates per subject.
+        draws : {"posterior", "importance", "laplace", "map"}
+            Parameters of each replicate: drawn from the subject's posterior
+            under the fitted group prior (``"posterior"`` = ``"importance"``:
+            importance-weighted draws; ``"laplace"``: the Gaussian at the
+            MAP with the inverse Hessian) or fixed at the MAP.
+        seed : int
+            Seed of the draws and the simulation.
+        statistics : dict, callable or list, optional
+            Extra statistics: functions of a :class:`torchem.ppc.Replicate`
+            returning ``(n,)``, ``(n, K)`` or ``{label: (n,)}``.
+        builtin : bool
+            Include the model family's built-in statistics (bandits: choice
+            rate of the better option per trial and block, win-stay /
+            lose-shift; two-step: stay probability by reward x transition;
+            regressions: fitted vs observed; ...).
+        family : torchem.ppc.Family, optional
+            How the data arise, for a model without a registered family.
+        chunk : int, optional
+            Replicates per batched simulation (default: bounded memory on the device).
+        nsamples : int
+            Weighted draws per subject behind ``draws="importance"``.
+        verbose : int
+            1: a progress bar.
+
+        Returns
+        -------
+        torchem.ppc.PPCResult
+            ``observed`` and ``simulated`` tidy DataFrames, ``summary()``,
+            ``coverage()`` and ``plot()`` (:func:`torchem.plotting.plot_ppc`).
+        """
+        return ppc.posterior_predictive(self.model, self.batch, self._fitted(), nsims=nsims, draws=draws, seed=seed,
+                                        statistics=statistics, builtin=builtin, family=family, chunk=chunk,
+                                        nsamples=nsamples, verbose=verbose)
+
+    def cross_validate(self, folds: str | int = "blocks", seed: int | None = 0, *, nsamples: int = 2000,
+                       fit_kwargs: dict | None = None, exchangeable: bool | None = None,
+                       verbose: int = 0) -> "crossval.CVResult":
+        """Cross-validated held-out predictive likelihood (:mod:`torchem.crossval`).
+
+        For each fold a copy of this model is fitted (hierarchically) to the
+        training trials, and each subject's held-out trials are scored by
+        their log predictive likelihood, averaged over importance-weighted
+        draws of the subject's training posterior, and at the training MAP.
+
+        Parameters
+        ----------
+        folds : "blocks" or int
+            ``"blocks"``: leave one block out.  ``k``: ``k`` folds of whole
+            blocks for models whose likelihood depends on trial order
+            (learning), of single trials for models with exchangeable trials.
+        seed : int
+            Seed of the fold assignment, the fits and the draws.
+        nsamples : int
+            Importance draws per subject and fold.
+        fit_kwargs : dict, optional
+            Options of the training fits (default: the group family and
+            E-step of this model's fit, if it has one).
+        exchangeable : bool, optional
+            Override whether single trials may be held out.
+        verbose : int
+            1: a progress bar over folds.
+
+        Returns
+        -------
+        torchem.crossval.CVResult
+            Per-subject and total held-out log-likelihood with standard errors.
+        """
+        opts = {"verbose": 0, "seed": seed}
+        if self.result is not None:
+            opts.update(group=self.result.group, estep=self.result.estep)
+        opts.update(fit_kwargs or {})
+
+        def fit(train: SubjectBatch) -> FitResult:
+            return self.with_data(train).fit(**opts)
+
+        return crossval.cross_validate(self.model, self.batch, fit, folds=folds, seed=seed, nsamples=nsamples,
+                                       exchangeable=exchangeable, verbose=verbose)
