@@ -265,13 +265,13 @@ def compare_cv(results: dict[str, CVResult], column: str = "elpd") -> pd.DataFra
     table = pd.DataFrame({name: r.subjects[column] for name, r in results.items()})
     if table.isna().any().any():
         raise ValueError("the models were cross-validated on different subjects")
-    totals = table.sum(0)
+    totals = table.sum(axis=0)
     best = totals.idxmax()
     S = len(table)
     diff = table.sub(table[best], axis=0)
     return pd.DataFrame({
         column: totals,
         "se": [r.total_se if column == "elpd" else r.total_map_se for r in results.values()],
-        f"d_{column}": diff.sum(0),
-        "d_se": np.sqrt(S * diff.var(0, ddof=1)),
+        f"d_{column}": diff.sum(axis=0),
+        "d_se": np.sqrt(S * diff.var(axis=0, ddof=1)),
     })
