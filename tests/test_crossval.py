@@ -161,7 +161,7 @@ def test_cross_validate_uses_the_fit_options_and_reports():
         ModelComparison([m, EMModel(all_data, rw1a1b_fit)], ["a", "b"]).subject_cv()
     m.fit(verbose=0, group="full", mstep_maxit=20)
     cv = m.cross_validate(folds=2, nsamples=500, fit_kwargs={"mstep_maxit": 5})
-    assert all(r.group == "full" and r.n_iter <= 5 for r in cv.fits)
+    assert all(r.options.group == "full" and not r.group.diagonal and r.n_iter <= 5 for r in cv.fits)
     assert "2 folds over blocks" in repr(cv)
     assert np.isfinite(cv.subjects[["elpd", "se", "mc_se", "map"]].to_numpy()).all()
     # a subject's held-out score is a log probability of its held-out choices

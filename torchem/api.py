@@ -1,6 +1,7 @@
 """``EMModel``: pyEM's user-facing vocabulary over torchem's batched engine."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -9,11 +10,13 @@ import torch
 
 from . import crossval, evidence, plotting, ppc
 from .data import SubjectBatch
-from .em import FitResult, IterationState, run_em
-from .groups import GaussianGroup
-from .importance import importance_sample, pairs_per_call
+from .em import EMRun, FitResult, IterationState
+from .estep import importance_draws, neg_log_posterior
+from .importance import pairs_per_call
+from .individual import fit_individual
 from .model import Model
-from .posterior import log_posterior
+from .options import FitOptions
+from .priors import Prior
 
 __all__ = ["EMModel", "resolve_device"]
 
@@ -90,6 +93,8 @@ class EMModel:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = dtype
+        self._frame_kwargs = {"subject": subject, "columns": columns, "block": block, "trial": trial,
+                              "input_names": input_names}
         if isinstance(all_data, SubjectBatch):
             batch = all_data
         elif isinstance(all_data, pd.DataFrame):
@@ -125,47 +130,97 @@ class EMModel:
             raise RuntimeError("the model is not fitted yet: call fit() first")
         return self.result
 
-    def with_data(self, all_data: Sequence[Sequence[Any]] | SubjectBatch, input_names: Sequence[str] | None = None,
-                  ) -> "EMModel":
-        """An unfitted copy of this model (likelihood, names, transforms, simulator, device, dtype) on other data.
+    @staticmethod
+    def _prior_of(res: FitResult) -> Prior:
+        if res.group is None:
+            raise ValueError("this result has no group distribution or prior (an individual maximum-likelihood "
+                             "fit): fit hierarchically, or fit_individual(prior=...)")
+        return res.group
 
-        ``all_data`` is pyEM-style lists (fields named ``input_names``) or a :class:`SubjectBatch`.
+    def with_data(self, data: Sequence[Sequence[Any]] | pd.DataFrame | SubjectBatch,
+                  **frame_kwargs: Any) -> "EMModel":
+        """An unfitted copy of this model (likelihood, names, transforms, simulator, device, dtype) on ``data``.
+
+        ``data`` is taken like ``all_data`` in the constructor; DataFrame and
+        list options default to this model's (override them by keyword).
         """
-        return EMModel(all_data, self.model.fit_func, self.param_names, self.model.param_xform, self.simulate_func,
-                       per_subject=self.model.per_subject, input_names=input_names, device=self.device,
-                       dtype=self.dtype)
+        kwargs = {**self._frame_kwargs, **frame_kwargs}
+        return EMModel(data, self.model.fit_func, self.param_names, self.model.param_xform, self.simulate_func,
+                       per_subject=self.model.per_subject, device=self.device, dtype=self.dtype, **kwargs)
 
     # ------------------------------------------------------------------- fit
-    def fit(self, *, verbose: int = 1, seed: int | None = 0, callback: Callable[[IterationState], Any] | None = None,
-            njobs: int | None = None, **options: Any) -> FitResult:
+    def fit(self, *, verbose: int = 1, callback: Callable[[IterationState], Any] | None = None,
+            njobs: int | None = None, options: FitOptions | None = None, **kwargs: Any) -> FitResult:
         """Fit by hierarchical EM with batched MAP E-steps.
 
         Parameters
         ----------
         verbose : int
-            1 shows a tqdm bar with the iteration and NPL; 0 is silent.
-        seed : int or None
-            Seed of starting points, restarts and importance draws; the same
-            seed on the same device gives identical results.
+            1 shows a tqdm bar with the E-step and NPL; 0 is silent.
         callback : callable, optional
-            ``callback(IterationState)`` after every iteration; returning
+            ``callback(IterationState)`` after every E-step; returning
             ``False`` stops and keeps the partial result.
         njobs : int, optional
             Accepted for pyEM compatibility and ignored: all subjects run as one batch.
-        **options
-            Any option of :func:`torchem.em.run_em`: ``group`` ("diag"/"full"),
-            ``mstep_maxit``, ``convergence_crit``, ``max_restarts``,
-            ``estep_maxit``, ``gtol``, ``estep`` ("laplace"/"importance"),
-            ``nsamples``, ``final_nsamples``, ``proposal_df``, ``min_ess``,
-            ``group_tol``, ``hessian_chunk``.
+        options : FitOptions, optional
+            Every option at once; or give them as keywords.
+        **kwargs
+            Any field of :class:`torchem.options.FitOptions` (``group`` /
+            pyEM's ``mstep``, ``prior``, ``prior_mu``/``prior_sigma``,
+            ``convergence``, ``convergence_method``, ``convergence_custom``,
+            ``convergence_precision``, ``accelerate``, ``mstep_maxit``,
+            ``seed``, ``estep``, ...).  Bad values raise ``ValueError`` before
+            any work.
+
+        Returns
+        -------
+        FitResult
+            Also kept as ``self.result``.  If the fit raises partway (an
+            error in the model, ``KeyboardInterrupt``), ``self.result`` holds
+            the last completed E-step's result marked ``stopped`` (or
+            ``None``), and the exception propagates.
+        """
+        opts = FitOptions(**kwargs) if options is None else options
+        if options is not None and kwargs:
+            raise ValueError("give options either as a FitOptions or as keywords, not both")
+        self.result = None  # a failed refit never leaves the previous result looking current
+        run = EMRun(self.model, self.batch, opts, verbose=verbose, callback=callback)
+        try:
+            self.result = run.run()
+        except BaseException as exc:
+            partial = run.partial_result()
+            if partial is not None:
+                partial.stopped = True
+                partial.stop_reason = f"interrupted by {type(exc).__name__} after E-step {partial.n_iter}"
+                partial.warnings.append(f"the fit did not finish ({type(exc).__name__}: {exc}); this is the "
+                                        "result of the last completed E-step")
+            self.result = partial
+            raise
+        return self.result
+
+    def fit_individual(self, prior: Prior | None = None, nstarts: int = 10, seed: int | None = 0,
+                       maxit: int = 500, gtol: float = 1e-7) -> FitResult:
+        """Fit every subject on its own: maximum likelihood, or MAP under a fixed ``prior``.
+
+        One batched L-BFGS runs all subjects and ``nstarts`` random starts per
+        subject as extra rows and keeps each subject's best; exact Hessians
+        give the standard errors (``result.standard_errors()``).  Subjects
+        whose Hessian is not positive definite (a parameter running to the
+        edge of its range) are flagged with NaN standard errors.
 
         Returns
         -------
         FitResult
             Also kept as ``self.result``.
         """
-        self.result = run_em(self.model, self.batch, verbose=verbose, seed=seed, callback=callback, **options)
+        self.result = None
+        self.result = fit_individual(self.model, self.batch, prior, nstarts=nstarts, seed=seed, maxit=maxit,
+                                     gtol=gtol)
         return self.result
+
+    def scipy_minimize(self, seed: int | None = 0, prior: Prior | None = None, nstarts: int = 10) -> FitResult:
+        """pyEM's name for :meth:`fit_individual` (no scipy involved: one batched L-BFGS)."""
+        return self.fit_individual(prior=prior, nstarts=nstarts, seed=seed)
 
     # ------------------------------------------------------------ accessors
     def get_outfit(self) -> dict[str, np.ndarray]:
@@ -238,10 +293,9 @@ class EMModel:
             se = torch.zeros_like(lap)
             good = res.hessian_ok
         elif method == "importance":
-            gen = torch.Generator()
-            gen.manual_seed(0 if seed is None else int(seed))
-            isr = importance_sample(log_posterior(self.model, self.batch, res), res.m, res.inv_h, nsamples, gen,
-                                    chunk=pairs_per_call(self.batch.mask[0].numel(), self.device))
+            fun = neg_log_posterior(self.model, self.batch, self._prior_of(res))
+            isr = importance_draws(fun, res.m, res.inv_h, nsamples, 0 if seed is None else int(seed), 5.0, 0.0,
+                                   pairs_per_call(self.batch.mask[0].numel(), self.device))
             lap, se, good = isr.log_evidence, isr.log_evidence_se, res.hessian_ok & (isr.ess >= min_ess)
         else:
             raise ValueError(f"method must be 'laplace' or 'importance', got {method!r}")
@@ -257,7 +311,7 @@ class EMModel:
         that stays in cache on a CPU and fills a GPU).
         """
         res = self._fitted()
-        grp = GaussianGroup(res.posterior_mu, res.posterior_cov)
+        grp = self._prior_of(res)
         gen = torch.Generator()
         gen.manual_seed(0 if seed is None else int(seed))
         data, mask = self.batch.data, self.batch.mask
@@ -290,7 +344,7 @@ class EMModel:
         ilog = self.integrated_log_likelihood(nsamples, seed, max_elements)
         P = res.n_params
         if convention == "huys":
-            k = 2 * P if res.group == "diag" else P + P * (P + 1) // 2
+            k = getattr(res.group, "n_hyper", 2 * P)
             return evidence.integrated_bic(ilog, k, int(res.n_obs.sum()))
         if convention == "pyem":
             return evidence.integrated_bic(ilog, P, int(res.n_obs[0]))
@@ -432,8 +486,8 @@ class EMModel:
         nsamples : int
             Importance draws per subject and fold.
         fit_kwargs : dict, optional
-            Options of the training fits (default: the group family and
-            E-step of this model's fit, if it has one).
+            Options of the training fits that differ from this model's last
+            fit (default: the same options, or the defaults if unfitted).
         exchangeable : bool, optional
             Override whether single trials may be held out.
         verbose : int
@@ -444,13 +498,12 @@ class EMModel:
         torchem.crossval.CVResult
             Per-subject and total held-out log-likelihood with standard errors.
         """
-        opts = {"verbose": 0, "seed": seed}
-        if self.result is not None:
-            opts.update(group=self.result.group, estep=self.result.estep)
-        opts.update(fit_kwargs or {})
+        base = self.result.options if (self.result is not None and self.result.options is not None) else FitOptions()
+        opts = {f.name: getattr(base, f.name) for f in dataclasses.fields(FitOptions)}
+        opts.update(seed=seed, **(fit_kwargs or {}))
 
         def fit(train: SubjectBatch) -> FitResult:
-            return self.with_data(train).fit(**opts)
+            return self.with_data(train).fit(verbose=0, options=FitOptions(**opts))
 
         return crossval.cross_validate(self.model, self.batch, fit, folds=folds, seed=seed, nsamples=nsamples,
                                        exchangeable=exchangeable, verbose=verbose)

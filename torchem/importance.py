@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .priors import chi2_draws
+
 __all__ = ["ImportanceResult", "importance_sample", "weighted_draws", "evaluate_pairs", "pairs_per_call"]
 
 
@@ -69,31 +71,8 @@ def _draw(n: int, S: int, P: int, df: float, generator: torch.Generator, dtype: 
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard normal ``z`` ``(n, S, P)`` and the t-scaling ``sqrt(df / u)`` ``(n, S)``, ``u ~ chi2(df)``."""
     z = torch.randn(n, S, P, generator=generator, dtype=dtype)
-    u = _chi2(n * S, df, generator, dtype).reshape(n, S)
+    u = chi2_draws(n * S, df, generator, dtype).reshape(n, S)
     return z.to(device), (df / u).sqrt().to(device)
-
-
-def _chi2(n: int, df: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` chi-square draws with ``df`` degrees of freedom from a seeded generator (Marsaglia-Tsang)."""
-    shape = df / 2.0
-    boost = shape < 1.0
-    a = shape + 1.0 if boost else shape
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    out = torch.empty(n, dtype=dtype)
-    filled = 0
-    while filled < n:
-        m = 2 * (n - filled) + 16
-        x = torch.randn(m, generator=generator, dtype=dtype)
-        v = (1.0 + c * x) ** 3
-        unif = torch.rand(m, generator=generator, dtype=dtype)
-        ok = (v > 0) & (torch.log(unif) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
-        acc = (d * v)[ok][: n - filled]
-        out[filled:filled + acc.numel()] = acc
-        filled += acc.numel()
-    if boost:
-        out = out * torch.rand(n, generator=generator, dtype=dtype) ** (1.0 / shape)
-    return 2.0 * out
 
 
 def weighted_draws(

@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 
 from .data import SubjectBatch
-from .em import FitResult, neg_log_posterior
-from .groups import GaussianGroup
+from .em import FitResult
+from .estep import neg_log_posterior
 from .importance import pairs_per_call, weighted_draws
 from .model import Model
 
@@ -38,8 +38,14 @@ KINDS = ("map", "laplace", "importance", "posterior")
 
 def log_posterior(model: Model, batch: SubjectBatch, result: FitResult) -> Callable[[torch.Tensor, torch.Tensor],
                                                                                      torch.Tensor]:
-    """``fun(theta (n, P), idx (n,)) -> (n,)``: unnormalized log posterior ``-NPL`` under the fitted group prior."""
-    fun = neg_log_posterior(model, batch, GaussianGroup(result.posterior_mu, result.posterior_cov))
+    """``fun(theta (n, P), idx (n,)) -> (n,)``: unnormalized log posterior ``-NPL`` under the fitted group prior.
+
+    ``idx`` names the subjects, so a group with subject-specific means (covariates) scores each against its own.
+    """
+    if result.group is None:
+        raise ValueError("this result has no group distribution or prior (an individual maximum-likelihood fit): "
+                         "fit hierarchically, or fit_individual(prior=...)")
+    fun = neg_log_posterior(model, batch, result.group)
     return lambda theta, idx: -fun(theta, idx)
 
 

@@ -1,0 +1,247 @@
+"""E-steps: every subject's posterior moments under the current group distribution.
+
+An E-step is called with the subjects to update (an index) and the group
+prior, and returns their :class:`PosteriorMoments`: posterior means ``(s, P)``
+and covariances ``(s, P, P)`` for the M-step, the negative log posterior and
+prior at the MAP, an approximate log evidence and one :class:`SubjectStatus`
+per subject.  It never sees the whole study at once, so a chunk of one device
+and a shard of one process run the same code.
+
+- :class:`LaplaceEStep`: MAP by one batched L-BFGS (warm-started with an
+  exact Newton step from the previous MAP), exact Hessian from ``torch.func``,
+  moments ``(MAP, H^-1)``, evidence ``-NPL + P/2 log 2 pi - 1/2 log det H``.
+- :class:`ImportanceEStep`: the Laplace E-step, then importance-sampled
+  moments and evidence around each MAP (:mod:`torchem.importance`).
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .curvature import batched_hessian, cap_posterior_width, invert_pd
+from .data import SubjectBatch
+from .importance import ImportanceResult, importance_sample, pairs_per_call
+from .model import Model
+from .optim import minimize
+from .priors import Prior
+
+__all__ = ["SubjectStatus", "PosteriorMoments", "LaplaceEStep", "ImportanceEStep", "neg_log_posterior"]
+
+
+class SubjectStatus(enum.IntEnum):
+    """How a subject's last MAP search ended (one value per subject, stored as ``int8``)."""
+
+    CONVERGED = 0  #: the gradient fell below tolerance
+    RECOVERED = 1  #: the first search failed; a restart from a group draw converged
+    STALLED = 2  #: steps along the gradient no longer lower the objective (a kink); point kept
+    FAILED = 3  #: no start converged; the best point was kept
+
+
+@dataclass
+class PosteriorMoments:
+    """One E-step's output for the subjects ``index``; every tensor has those subjects first.
+
+    Attributes
+    ----------
+    index : Tensor
+        ``(s,)`` subject indices.
+    m, V : Tensor
+        ``(s, P)`` posterior means and ``(s, P, P)`` covariances (what the M-step uses).
+    x, inv_h : Tensor
+        ``(s, P)`` MAPs and ``(s, P, P)`` inverse Hessians of the NPL there (capped where ``capped``).
+    npl, nlprior : Tensor
+        ``(s,)`` negative log posterior and negative log prior at the MAP.
+    logdet : Tensor
+        ``(s,)`` log-determinant of the (capped) Hessian.
+    log_evidence : Tensor
+        ``(s,)`` approximate ``log p(D_i)``: Laplace, or importance-sampled.
+    status : Tensor
+        ``(s,)`` ``int8`` :class:`SubjectStatus`.
+    hessian_ok, capped : Tensor
+        ``(s,)`` bool: Hessian finite and positive definite; Laplace posterior width capped.
+    importance : ImportanceResult or None
+        The importance summaries (importance E-step only).
+    """
+
+    index: torch.Tensor
+    m: torch.Tensor
+    V: torch.Tensor
+    x: torch.Tensor
+    inv_h: torch.Tensor
+    npl: torch.Tensor
+    nlprior: torch.Tensor
+    logdet: torch.Tensor
+    log_evidence: torch.Tensor
+    status: torch.Tensor
+    hessian_ok: torch.Tensor
+    capped: torch.Tensor
+    importance: ImportanceResult | None = None
+
+    @property
+    def estep_success(self) -> torch.Tensor:
+        """``(s,)`` bool: the MAP search converged (directly or after a restart)."""
+        return self.status <= SubjectStatus.RECOVERED
+
+
+def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
+                      subjects: torch.Tensor | None = None) -> Callable:
+    """``fun(x, idx)``: negative log posterior of problems ``idx`` at ``x`` ``(n, P)``.
+
+    Problem ``k`` is subject ``subjects[k]`` (all subjects in order when ``subjects`` is ``None``).
+    """
+    data, mask, S = batch.data, batch.mask, batch.n_subjects
+    if subjects is None:
+        subjects = torch.arange(S, device=mask.device)
+    whole = subjects.numel() == S and bool((subjects == torch.arange(S, device=mask.device)).all())
+
+    def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        subj = subjects[idx]
+        if whole and idx.numel() == S:  # all subjects in order: no copy of the data
+            return model.nll(x, data, mask) + prior.neg_log_prior(x, subj)
+        return model.nll(x, tuple(d[subj] for d in data), mask[subj]) + prior.neg_log_prior(x, subj)
+
+    return fun
+
+
+def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, prior: Prior, generator: torch.Generator,
+                max_restarts: int, optim_kwargs: dict):
+    """Batched MAP search; failed subjects restart from prior draws, keeping the best point.
+
+    Returns ``x``, ``f``, ``g`` and the ``int8`` status, problems first.
+    """
+    res = minimize(fun, x0, **warm, **optim_kwargs)
+    x, f, g = res.x, res.fun, res.grad
+    status = torch.where(res.success, SubjectStatus.CONVERGED,
+                         torch.where(res.stalled, SubjectStatus.STALLED, SubjectStatus.FAILED)).to(torch.int8)
+    # a subject stalled on a kink sits at a local minimum already: a restart ends on the same kink
+    retry = status == SubjectStatus.FAILED
+    for _ in range(max_restarts):
+        failed = retry.nonzero().squeeze(1)
+        if failed.numel() == 0:
+            break
+        starts = prior.sample(failed.numel(), generator)
+        sub = minimize(lambda z, i: fun(z, failed[i]), starts, **optim_kwargs)
+        f_old = torch.where(torch.isfinite(f[failed]), f[failed], torch.full_like(sub.fun, math.inf))
+        better = sub.success | (sub.fun < f_old)
+        take = failed[better]
+        x[take], f[take], g[take] = sub.x[better], sub.fun[better], sub.grad[better]
+        status[take] = torch.where(sub.success[better], SubjectStatus.RECOVERED, SubjectStatus.FAILED).to(torch.int8)
+        retry[failed] = ~sub.success & ~sub.stalled
+    return x, f, g, status
+
+
+class LaplaceEStep:
+    """MAP, exact Hessian and Laplace moments of each subject, warm-started from the previous call.
+
+    Parameters
+    ----------
+    model, batch : Model, SubjectBatch
+        The likelihood and the data (on the fit's device and dtype).
+    x0 : Tensor
+        ``(S, P)`` starting points of the first call.
+    max_restarts, estep_maxit, gtol, hessian_chunk, laplace_cap
+        See :class:`torchem.options.FitOptions`.
+    generator : torch.Generator
+        CPU generator of the restarts' draws.
+
+    The likelihood's value, gradient and Hessian at a subject's last MAP do
+    not depend on the prior, so the next call starts that subject with an
+    exact Newton step under the new prior at no extra evaluation.
+    """
+
+    def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
+                 max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
+                 laplace_cap: float = 4.0) -> None:
+        self.model, self.batch, self.generator = model, batch, generator
+        self.x = x0.clone()
+        S, P = x0.shape
+        self.lik = None  # (nll (S,), grad (S, P), hess (S, P, P)) of the likelihood at self.x
+        self.max_restarts, self.hessian_chunk, self.laplace_cap = max_restarts, hessian_chunk, laplace_cap
+        self.optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
+        self.has_lik = torch.zeros(S, dtype=torch.bool, device=x0.device)
+
+    def _warm(self, idx: torch.Tensor, prior: Prior) -> dict:
+        if self.lik is None or not bool(self.has_lik[idx].all()):
+            return {}
+        x = self.x[idx]
+        nll, g, h = (t[idx] for t in self.lik)
+        H, _ = cap_posterior_width(h + prior.hessian(x, idx), prior.spread, self.laplace_cap)
+        h0 = invert_pd(H, prior.spread)[0]
+        return {"f0": nll + prior.neg_log_prior(x, idx), "g0": g + prior.grad(x, idx), "h0": h0}
+
+    def run(self, idx: torch.Tensor, prior: Prior) -> PosteriorMoments:
+        """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``."""
+        fun = neg_log_posterior(self.model, self.batch, prior, idx)
+        x, npl, grad, status = _map_search(fun, self.x[idx], self._warm(idx, prior), prior, self.generator,
+                                           self.max_restarts, self.optim_kwargs)
+        usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
+        if not bool(usable.all()):
+            first = int(idx[(~usable).nonzero()[0]])
+            raise RuntimeError(
+                f"{int((~usable).sum())} subject(s) have a non-finite objective at every start "
+                f"(first: {self.batch.subject_ids[first]!r}); check the model and data")
+        n, c = idx.numel(), self.hessian_chunk
+        local = torch.arange(n, device=idx.device)
+        H = torch.cat([batched_hessian(lambda z, lo=lo: fun(z, local[lo:lo + c]), x[lo:lo + c])
+                       for lo in range(0, n, c)])
+        nlprior = prior.neg_log_prior(x, idx)
+        lik = (npl - nlprior, grad - prior.grad(x, idx), H - prior.hessian(x, idx))
+        if self.lik is None:
+            S, P = self.x.shape
+            self.lik = (torch.zeros(S, dtype=x.dtype, device=x.device), torch.zeros_like(self.x),
+                        torch.zeros(S, P, P, dtype=x.dtype, device=x.device))
+        for store, new in zip(self.lik, lik):
+            store[idx] = new
+        self.x[idx] = x
+        self.has_lik[idx] = True
+        H, capped = cap_posterior_width(H, prior.spread, self.laplace_cap)
+        inv_h, logdet, ok_h = invert_pd(H, prior.spread)
+        P = x.shape[1]
+        lme = -npl + 0.5 * P * math.log(2 * math.pi) - 0.5 * logdet
+        return PosteriorMoments(idx, x, inv_h, x, inv_h, npl, nlprior, logdet, lme, status, ok_h, capped)
+
+
+class ImportanceEStep:
+    """Importance-sampled posterior moments around each subject's MAP.
+
+    Runs the Laplace E-step for the MAPs and inverse Hessians, then draws
+    ``nsamples`` Student-t proposals per subject with the same seed every
+    call (common random numbers); subjects whose effective sample size falls
+    below ``min_ess`` are redrawn with four times the samples.
+    """
+
+    def __init__(self, laplace: LaplaceEStep, *, seed: int, nsamples: int, proposal_df: float = 5.0,
+                 min_ess: float = 50.0) -> None:
+        self.laplace, self.seed, self.nsamples = laplace, seed, nsamples
+        self.proposal_df, self.min_ess = proposal_df, min_ess
+        batch = laplace.batch
+        self.chunk = pairs_per_call(batch.mask[0].numel(), batch.device)
+
+    def run(self, idx: torch.Tensor, prior: Prior, nsamples: int | None = None) -> PosteriorMoments:
+        """Importance moments of the subjects ``idx`` under ``prior`` (``nsamples`` overrides the default)."""
+        post = self.laplace.run(idx, prior)
+        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx)
+        n = self.nsamples if nsamples is None else nsamples
+        isr = importance_draws(fun, post.x, post.inv_h, n, self.seed + (n != self.nsamples), self.proposal_df,
+                               self.min_ess, self.chunk)
+        post.m, post.V, post.log_evidence, post.importance = isr.mean, isr.cov, isr.log_evidence, isr
+        return post
+
+
+def importance_draws(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsamples: int, seed: int,
+                     df: float, min_ess: float, chunk: int) -> ImportanceResult:
+    """Importance moments of every problem's posterior ``exp(-fun)``; low-ESS problems are redrawn with 4x the samples."""
+    gen = torch.Generator()
+    gen.manual_seed(int(seed))
+    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df, chunk=chunk)
+    low = (res.ess < min_ess).nonzero().squeeze(1)
+    if low.numel():
+        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen,
+                                 df=df, chunk=chunk)
+        for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
+            getattr(res, name)[low] = getattr(more, name)
+    return res
