@@ -321,8 +321,13 @@ class EMModel:
         def nll_fn(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return self.model.nll(theta, tuple(d[idx] for d in data), mask[idx])
 
-        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), res.n_subjects,
-                                                  nsamples, chunk)
+        S = res.n_subjects
+        subjects = torch.arange(S, device=self.device)
+
+        def sample(n: int) -> torch.Tensor:  # row r is subject r % S (a group with covariates has its own means)
+            return grp.sample(n, gen, subjects.repeat(n // S))
+
+        return evidence.integrated_log_likelihood(nll_fn, sample, S, nsamples, chunk)
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
                                max_elements: int | None = None) -> float:
