@@ -51,11 +51,12 @@ def simulate(seed: int, delta: float, n_subjects: int = 60):
     return g, [[sim["choices"][i], sim["rewards"][i]] for i in range(n_subjects)]
 
 
-def one_study(seed: int, delta: float, estep: str, nsamples: int, n_subjects: int) -> dict:
+def one_study(seed: int, delta: float, estep: str, nsamples: int, n_subjects: int, group_tol: float) -> dict:
     g, data = simulate(seed, delta, n_subjects)
     model = EMModel(data, rw1a1b_fit, device="cpu")
     t0 = time.perf_counter()
-    res = model.fit(verbose=0, covariates=pd.DataFrame({"patient": g}), estep=estep, nsamples=nsamples)
+    res = model.fit(verbose=0, covariates=pd.DataFrame({"patient": g}), estep=estep, nsamples=nsamples,
+                    group_tol=group_tol)
     row = res.group_coefficients().loc[("alpha", "patient")]
     t_cov = time.perf_counter() - t0
     pooled = model.fit(verbose=0)
@@ -91,7 +92,8 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=60)
     ap.add_argument("--delta", type=float, default=0.5, help="group difference of the normalized learning rate")
     ap.add_argument("--estep", default="importance", choices=["laplace", "importance"])
-    ap.add_argument("--nsamples", type=int, default=500, help="importance draws per subject and iteration")
+    ap.add_argument("--nsamples", type=int, default=300, help="importance draws per subject and iteration")
+    ap.add_argument("--group-tol", type=float, default=3e-3, help="importance E-step convergence (group_tol)")
     ap.add_argument("--out", default=str(RESULTS / "group_regression"))
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -107,13 +109,14 @@ def main() -> None:
             seed = 2 * k + (delta == 0.0)
             if (seed, delta) in have:
                 continue
-            rows.append(one_study(seed, delta, args.estep, args.nsamples, args.subjects))
+            rows.append(one_study(seed, delta, args.estep, args.nsamples, args.subjects, args.group_tol))
             pd.DataFrame(rows).to_csv(csv, index=False)
         if (k + 1) % 10 == 0:
             print(f"{k + 1} studies, {time.perf_counter() - t0:.0f} s", flush=True)
     df = pd.DataFrame(rows)
     text = (f"# Covariates in the group prior: {args.studies} effect + {args.studies} null studies of "
-            f"{args.subjects} subjects (rw1a1b, 4 x 24 trials; estep={args.estep}, nsamples={args.nsamples})\n\n"
+            f"{args.subjects} subjects (rw1a1b, 4 x 24 trials; estep={args.estep}, nsamples={args.nsamples}, "
+            f"group_tol={args.group_tol:g})\n\n"
             + summarize(df) + f"\n\nwall time {time.perf_counter() - t0:.0f} s (this run)\n")
     Path(args.out + ".md").write_text(text)
     print(text)
