@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from .priors import GaussianPrior, LaplacePrior, Prior, StudentTPrior
+from .priors import GaussianPrior, LaplacePrior, Prior, StudentTPrior, gaussian_neg_log_density
 
 __all__ = ["GroupFamily", "MStepInfo", "GaussianGroup", "LaplaceGroup", "StudentTGroup", "CauchyGroup",
            "CovariateGroup", "make_group", "group_from_state", "FAMILIES"]
@@ -445,10 +445,7 @@ class CovariateGroup(GroupFamily):
         return torch.cholesky_inverse(torch.linalg.cholesky(self.sigma))
 
     def neg_log_prior(self, x, idx=None):
-        P = x.shape[-1]
-        chol = torch.linalg.cholesky(self.sigma)
-        z = torch.linalg.solve_triangular(chol, (x - self._loc(x, idx)).unsqueeze(-1), upper=False).squeeze(-1)
-        return 0.5 * (z * z).sum(-1) + chol.diagonal().log().sum() + 0.5 * P * math.log(2 * math.pi)
+        return gaussian_neg_log_density(x - self._loc(x, idx), self.sigma)
 
     def grad(self, x, idx=None):
         return (x - self._loc(x, idx)) @ self.precision

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["Prior", "GaussianPrior", "LaplacePrior", "StudentTPrior", "CauchyPrior", "UniformPrior",
-           "IndependentPrior", "as_tensor", "chi2_draws"]
+           "IndependentPrior", "as_tensor", "chi2_draws", "gaussian_neg_log_density"]
 
 
 def as_tensor(value: Any, n: int | None = None, *, name: str = "value", dtype=torch.float64,
@@ -43,6 +43,14 @@ def as_tensor(value: Any, n: int | None = None, *, name: str = "value", dtype=to
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {t.tolist()}")
     return t
+
+
+def gaussian_neg_log_density(diff: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` ``-log N(diff; 0, cov)`` of deviations ``diff`` ``(S, P)`` from the mean, constant included."""
+    P = diff.shape[-1]
+    chol = torch.linalg.cholesky(cov)
+    z = torch.linalg.solve_triangular(chol, diff.unsqueeze(-1), upper=False).squeeze(-1)
+    return 0.5 * (z * z).sum(-1) + chol.diagonal().log().sum() + 0.5 * P * math.log(2 * math.pi)
 
 
 def _positive(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -185,11 +193,7 @@ class GaussianPrior(Prior):
         return torch.cholesky_inverse(torch.linalg.cholesky(self.sigma))
 
     def neg_log_prior(self, x, idx=None):
-        P = x.shape[-1]
-        chol = torch.linalg.cholesky(self.sigma)
-        z = torch.linalg.solve_triangular(chol, (x - self.mu).unsqueeze(-1), upper=False).squeeze(-1)
-        logdet = 2.0 * chol.diagonal().log().sum()
-        return 0.5 * (z * z).sum(-1) + 0.5 * logdet + 0.5 * P * math.log(2 * math.pi)
+        return gaussian_neg_log_density(x - self.mu, self.sigma)
 
     def grad(self, x, idx=None):
         return (x - self.mu) @ self.precision
