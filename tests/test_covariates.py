@@ -266,15 +266,18 @@ def test_coverage_and_false_positives_of_the_gaussian_model():
 
 @pytest.mark.slow
 def test_coverage_of_the_learning_rate_difference_in_simulated_studies():
-    """A smaller version of benchmarks/bench_group_regression.py (40 studies of 60 subjects, wider bands)."""
-    cover, reject_null = [], []
-    for k in range(40):
+    """A smaller version of benchmarks/bench_group_regression.py (12 effect and 12 null studies of 60 subjects,
+    importance E-step, wider bands): the intervals cover the truth, the null rarely rejects, and the
+    difference is not attenuated (the Laplace E-step's estimates are, by about a quarter: see the README)."""
+    cover, reject_null, effect = [], [], []
+    for k in range(24):
         delta = 0.6 if k % 2 else 0.0
         g, _, data = _bandit(60, delta, seed=500 + k)
-        row = EMModel(data, rw1a1b_fit, device="cpu").fit(verbose=0, covariates=g.astype(float)) \
-            .group_coefficients().loc[("alpha", "x")]
+        row = EMModel(data, rw1a1b_fit, device="cpu").fit(
+            verbose=0, covariates=g.astype(float), estep="importance", nsamples=200, group_tol=5e-3,
+        ).group_coefficients().loc[("alpha", "x")]
         cover.append(row["2.5%"] <= delta <= row["97.5%"])
-        if delta == 0.0:
-            reject_null.append(row["p"] < 0.05)
-    assert 0.85 <= np.mean(cover) <= 1.0
-    assert np.mean(reject_null) <= 0.15
+        (effect if delta else reject_null).append(row["estimate"] if delta else row["p"] < 0.05)
+    assert np.mean(cover) >= 0.8
+    assert np.mean(reject_null) <= 2 / 12
+    assert abs(np.mean(effect) - 0.6) < 0.15
