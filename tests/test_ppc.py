@@ -310,3 +310,21 @@ def test_ppc_on_cuda_matches_the_cpu_distribution():
     a = cpu.ppc(nsims=200, seed=0).summary()
     b = gpu.ppc(nsims=200, seed=0).summary()
     np.testing.assert_allclose(a["mean"], b["mean"], atol=0.03)
+
+
+def test_ppc_from_a_data_frame_with_its_own_column_names_and_small_chunks(bandit):
+    _, sim, model = bandit
+    S, B, T = sim["choices"].shape
+    df = pd.DataFrame({"subj": np.repeat(np.arange(S), B * T), "blk": np.tile(np.repeat(np.arange(B), T), S),
+                       "trl": np.tile(np.arange(T), S * B), "choice": sim["choices"].ravel(),
+                       "reward": sim["rewards"].ravel()})
+    m = EMModel(df, rw1a1b_fit, subject="subj", columns=["choice", "reward"], block="blk", trial="trl", device="cpu")
+    m.result = model.result  # the same subjects in the same order
+    # a user statistic may use the data frame's column name or the model's input name
+    ppc = m.ppc(nsims=3, draws="map", chunk=7, statistics={
+        "by column": lambda d: masked_mean(d["choice"].double(), d.mask),
+        "by input": lambda d: masked_mean(d["choices"].double(), d.mask)})
+    np.testing.assert_array_equal(ppc.simulated_values["by column"], ppc.simulated_values["by input"])
+    assert np.isfinite(ppc.simulated_values["p(better) by block"]).all()
+    with pytest.raises(KeyError, match="no data field 'nope'"):
+        m.ppc(nsims=2, draws="map", statistics={"x": lambda d: d["nope"]}, builtin=False)
