@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from torchem import EMModel, model_spec
-from torchem.covariates import INTERCEPT, build_design, louis_information
-from torchem.groups import CovariateGroup, group_from_state
+from torchem.covariates import INTERCEPT, _logpdf, build_design, louis_information
+from torchem.groups import CovariateGroup, GaussianGroup, StudentTGroup, group_from_state
 from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate
 from torchem.transforms import identity, norm2alpha, norm2beta
 
@@ -85,7 +85,7 @@ def test_design_errors_name_the_problem(cov, formula, match):
 def test_fit_options_refuse_covariates_with_other_families():
     _, sim, data = _bandit(8, 0.0, seed=0)
     m = EMModel(data, rw1a1b_fit, device="cpu")
-    with pytest.raises(ValueError, match="covariates work with the Gaussian group"):
+    with pytest.raises(ValueError, match="not 'laplace'"):
         m.fit(verbose=0, covariates=np.arange(8.0), group="laplace")
     with pytest.raises(ValueError, match="formula needs covariates"):
         m.fit(verbose=0, formula="~ x")
@@ -103,8 +103,8 @@ def test_mstep_maximizes_the_expected_complete_data_likelihood(diagonal, formula
     cov = pd.DataFrame({"x": rng.normal(size=S), "g": rng.integers(0, 2, S)})
     d = build_design(cov, formula, list(range(S)), ["a", "b"])
     X = torch.as_tensor(d.X)
-    grp = CovariateGroup(X, torch.zeros(X.shape[1], 2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
-                         torch.as_tensor(d.free), diagonal, d.columns)
+    grp = CovariateGroup(X, torch.zeros(X.shape[1], 2, dtype=torch.float64), torch.as_tensor(d.free),
+                         GaussianGroup(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), diagonal), d.columns)
     m = torch.as_tensor(rng.normal(size=(S, 2)) + d.X @ (rng.normal(size=(X.shape[1], 2)) * d.free))
     A = torch.as_tensor(rng.normal(size=(S, 2, 2)))
     V = 0.1 * A @ A.transpose(1, 2) + 0.05 * torch.eye(2, dtype=torch.float64)
@@ -112,7 +112,7 @@ def test_mstep_maximizes_the_expected_complete_data_likelihood(diagonal, formula
     assert info.converged
 
     def Q(v):
-        B, L = new.unpack(v)
+        B, L = new.coefficients(v), _logpdf(new).chol(v[int(new.free.sum()):])
         sigma = L @ L.T
         r = m - X @ B
         om = torch.linalg.inv(sigma)
@@ -124,6 +124,7 @@ def test_mstep_maximizes_the_expected_complete_data_likelihood(diagonal, formula
     assert torch.equal(new.B[~new.free], torch.zeros_like(new.B[~new.free]))
     if diagonal:
         assert torch.equal(new.sigma, torch.diag(new.sigma.diagonal()))
+    assert new.n_hyper == int(new.free.sum()) + (2 if diagonal else 3)
     # state round trip
     back = group_from_state(new.state_dict())
     torch.testing.assert_close(back.B, new.B)
@@ -160,14 +161,14 @@ def test_louis_information_equals_the_exact_marginal_information(diagonal, formu
     X = torch.as_tensor(d.X)
     B = torch.as_tensor(rng.normal(size=(X.shape[1], 2))) * torch.as_tensor(d.free)
     sig = torch.tensor([[0.8, 0.3], [0.3, 0.5]], dtype=torch.float64)
-    grp = CovariateGroup(X, B, torch.diag(sig.diagonal()) if diagonal else sig, torch.as_tensor(d.free), diagonal,
-                         d.columns)
+    grp = CovariateGroup(X, B, torch.as_tensor(d.free),
+                         GaussianGroup(torch.zeros(2, dtype=torch.float64), torch.diag(sig.diagonal()) if diagonal else sig, diagonal), d.columns)
     ybar = torch.as_tensor(rng.normal(size=(S, 2))) + X @ B  # any data: the identity holds at every psi
     m, V = _exact_moments(grp, ybar, T)
     info = louis_information(grp, m, V)
 
     def marginal(v):
-        Bv, L = grp.unpack(v)
+        Bv, L = grp.coefficients(v), _logpdf(grp).chol(v[int(grp.free.sum()):])
         C = L @ L.T + torch.eye(2, dtype=torch.float64) / T
         r = ybar - X @ Bv
         return (-0.5 * torch.einsum("sp,pq,sq->s", r, torch.linalg.inv(C), r) - 0.5 * torch.logdet(C)).sum()
@@ -192,7 +193,7 @@ def test_coefficients_of_the_gaussian_model_recover_the_truth_with_exact_standar
     psi = grp.to_vector()
 
     def marginal(v):
-        Bv, L = grp.unpack(v)
+        Bv, L = grp.coefficients(v), _logpdf(grp).chol(v[int(grp.free.sum()):])
         C = L @ L.T + torch.eye(2, dtype=torch.float64) / T
         r = ybar - grp.X @ Bv
         return (-0.5 * torch.einsum("sp,pq,sq->s", r, torch.linalg.inv(C), r) - 0.5 * torch.logdet(C)).sum()
@@ -262,6 +263,43 @@ def test_coverage_and_false_positives_of_the_gaussian_model():
             reject.append(row["p"] < 0.05)
     assert 0.85 <= np.mean(cover) <= 1.0
     assert np.mean(reject) <= 0.15
+
+
+@pytest.mark.parametrize("group", ["student_t", "cauchy"])
+def test_student_t_groups_take_covariates_and_intercept_only_is_the_plain_fit(group):
+    g, _, data = _bandit(30, 0.8, seed=6)
+    m = EMModel(data, rw1a1b_fit, device="cpu")
+    plain = m.fit(verbose=0, group=group, mstep_maxit=60)
+    one = m.fit(verbose=0, group=group, covariates=g.astype(float), formula="~ 1", mstep_maxit=60)
+    assert isinstance(one.group.base, StudentTGroup) and one.group.name == f"{group}+covariates"
+    # the same fixed point, up to the inner iterations' tolerances (they start from different points)
+    torch.testing.assert_close(one.group.B[0], plain.group.loc, rtol=0, atol=2e-4)
+    torch.testing.assert_close(one.group.base.scale, plain.group.scale, rtol=0, atol=2e-4)
+    torch.testing.assert_close(one.m, plain.m, rtol=0, atol=1e-3)
+    res = m.fit(verbose=0, group=group, covariates=g.astype(float), formula={"alpha": "~ x"})
+    tab = res.group_coefficients()
+    assert np.isfinite(tab["se"]).all() and (tab["se"] > 0).all()
+    assert tab.loc[("alpha", "x"), "estimate"] > 0
+    back = group_from_state(res.group.state_dict())
+    torch.testing.assert_close(back.neg_log_prior(res.m, torch.arange(30)), res.group.neg_log_prior(res.m, torch.arange(30)))
+
+
+def test_monte_carlo_louis_of_a_nearly_gaussian_t_matches_the_closed_form():
+    rng = np.random.default_rng(8)
+    S = 40
+    d = build_design(pd.DataFrame({"x": rng.normal(size=S)}), None, list(range(S)), ["a", "b"])
+    X, free = torch.as_tensor(d.X), torch.as_tensor(d.free)
+    B = torch.as_tensor(rng.normal(size=(2, 2)))
+    m = torch.as_tensor(rng.normal(size=(S, 2))) + X @ B
+    V = torch.diag_embed(torch.as_tensor(rng.uniform(0.1, 0.4, (S, 2))))
+    scale = torch.tensor([0.7, 0.9], dtype=torch.float64)
+    gauss = CovariateGroup(X, B, free, GaussianGroup(torch.zeros(2, dtype=torch.float64), scale ** 2, True), d.columns)
+    t = CovariateGroup(X, B, free, StudentTGroup(torch.zeros(2, dtype=torch.float64), scale, df=1e7), d.columns)
+    exact = louis_information(gauss, m, V)
+    mc = louis_information(t, m, V, nsamples=20000)
+    # the t vector holds log scales, the Gaussian's log variances: d log var = 2 d log scale
+    J = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(mc, J @ exact @ J, rtol=0.05, atol=0.3)
 
 
 @pytest.mark.slow

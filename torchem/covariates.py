@@ -1,7 +1,8 @@
 r"""Covariates in the group prior, and inference on their coefficients.
 
-``fit(covariates=..., formula=...)`` replaces the group mean by a regression
-on subject covariates, ``theta_i ~ N(B^T x_i, Sigma)``
+``fit(covariates=..., formula=...)`` replaces the group location by a
+regression on subject covariates, ``theta_i = B^T x_i + e_i`` with Gaussian
+(``N(0, Sigma)``) or Student-t / Cauchy deviations
 (:class:`torchem.groups.CovariateGroup`), fitted by EM like any group family.
 This module builds the design ``X`` ``(S, K)`` from the user's table and
 computes the standard errors of ``B``.
@@ -23,10 +24,11 @@ covariates, and the table may not name subjects that are not in the data.
 Standard errors (Louis 1982)
 ----------------------------
 The coefficients maximize the marginal likelihood
-``L(psi) = sum_i log int p(D_i | theta) N(theta; B^T x_i, Sigma) dtheta``
-over ``psi = (B, Sigma)``.  Its observed information is, with the
-complete-data log density ``l_i(psi; theta) = log N(theta; B^T x_i, Sigma)``
-and expectations over subject ``i``'s posterior,
+``L(psi) = sum_i log int p(D_i | theta) g(theta; B^T x_i, psi) dtheta``
+over ``psi`` (``B`` and the deviations' ``Sigma`` or scales).  Its observed
+information is, with the complete-data log density
+``l_i(psi; theta) = log g(theta; B^T x_i, psi)`` and expectations over subject
+``i``'s posterior,
 
 .. math::
 
@@ -53,13 +55,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .groups import CovariateGroup, GaussianGroup, GroupFamily
+from .groups import CovariateGroup, GaussianGroup, GroupFamily, StudentTGroup
 
 __all__ = ["Design", "build_design", "covariate_group", "louis_information", "coefficient_table"]
 
@@ -222,54 +224,98 @@ def build_design(covariates: Any, formula: str | dict | None, subject_ids: Seque
 
 def covariate_group(base: GroupFamily, covariates: Any, formula: str | dict | None, subject_ids: Sequence,
                     param_names: Sequence[str], *, dtype: torch.dtype, device, var: float = 1.0) -> CovariateGroup:
-    """The starting :class:`CovariateGroup` (coefficients 0, variance ``var``) for a Gaussian ``base`` family."""
-    if not isinstance(base, GaussianGroup):
-        raise ValueError(f"covariates work with the Gaussian group (group='gaussian' or 'full'), got {base.name!r}: "
-                         "a Laplace location regression (least absolute deviations under posterior uncertainty) "
-                         "has no closed-form M-step, and the Student-t/Cauchy regression is not implemented")
+    """The starting :class:`CovariateGroup` (coefficients 0, deviations of variance ``var``) around ``base``."""
+    if not isinstance(base, (GaussianGroup, StudentTGroup)):
+        raise ValueError(f"covariates work with the gaussian ('gaussian'/'diag', 'full'), student_t and cauchy "
+                         f"groups, got {base.name!r}: a Laplace location regression (least absolute deviations "
+                         "under posterior uncertainty) has no closed-form M-step")
     d = build_design(covariates, formula, subject_ids, param_names)
     P = len(param_names)
     return CovariateGroup(torch.as_tensor(d.X, dtype=dtype, device=device),
-                          torch.zeros(len(d.columns), P, dtype=dtype, device=device),
-                          torch.full((P,), float(var), dtype=dtype, device=device), torch.as_tensor(d.free),
-                          base.diagonal, d.columns)
+                          torch.zeros(len(d.columns), P, dtype=dtype, device=device), torch.as_tensor(d.free),
+                          base.initial(P, var, dtype=dtype, device=device), d.columns)
 
 
-def louis_information(group: CovariateGroup, m: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+def _logpdf(group: CovariateGroup) -> Callable:
+    """``l(v, theta (P,), x (K,))``: log density of one subject's parameters as a pure function of the
+    hyperparameter vector ``v`` (:meth:`CovariateGroup.to_vector`'s layout), for ``torch.func``."""
+    P = group.n_params
+    nb = int(group.free.sum())
+    if group.gaussian:
+        diagonal = group.base.diagonal
+        i, j = torch.tril_indices(P, P, device=group.B.device)
+
+        def chol(w: torch.Tensor) -> torch.Tensor:
+            if diagonal:
+                return torch.diag(torch.exp(0.5 * w))
+            vals = torch.where(i == j, w.exp(), w)
+            return torch.zeros(P, P, dtype=w.dtype, device=w.device).index_put((i, j), vals)
+
+        def logpdf(v, theta, x):
+            L = chol(v[nb:])
+            z = torch.linalg.solve_triangular(L, (theta - x @ group.coefficients(v))[:, None], upper=False)[:, 0]
+            return -0.5 * (z * z).sum() - L.diagonal().log().sum() - 0.5 * P * math.log(2 * math.pi)
+
+        logpdf.chol = chol
+        return logpdf
+    df = group.base.df
+    const = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def logpdf(v, theta, x):
+        log_s = v[nb:]
+        z2 = ((theta - x @ group.coefficients(v)) * torch.exp(-log_s)) ** 2
+        return (const - log_s - 0.5 * (df + 1) * torch.log1p(z2 / df)).sum()
+
+    return logpdf
+
+
+def louis_information(group: CovariateGroup, m: torch.Tensor, V: torch.Tensor, nsamples: int = 4000,
+                      seed: int = 0) -> torch.Tensor:
     """Observed information ``(d, d)`` of the marginal likelihood at ``group``'s hyperparameters.
 
     Parameters
     ----------
     group : CovariateGroup
         The fitted group; the information is over :meth:`~CovariateGroup.to_vector`
-        (free coefficients first, then the log variances or the Cholesky factor of ``Sigma``).
+        (free coefficients first, then the deviations' log variances or
+        Cholesky factor, or their log scales).
     m, V : Tensor
         ``(S, P)`` posterior means and ``(S, P, P)`` covariances of the subjects (the E-step moments).
+    nsamples, seed : int
+        Student-t deviations only: draws per subject from ``N(m_i, V_i)`` for the
+        two expectations (a Gaussian's are in closed form).
     """
     psi = group.to_vector().detach()
-    P = group.n_params
-    eye = torch.eye(P, dtype=psi.dtype, device=psi.device)
     X = group.X
-
-    def logpdf(v: torch.Tensor, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        B, L = group.unpack(v)
-        z = torch.linalg.solve_triangular(L, (theta - x @ B)[:, None], upper=False)[:, 0]
-        return -0.5 * (z * z).sum() - L.diagonal().log().sum() - 0.5 * P * math.log(2 * math.pi)
-
-    def expected(v: torch.Tensor) -> torch.Tensor:  # sum_i E[l_i] under N(m_i, V_i)
-        _, L = group.unpack(v)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        omega = Linv.T @ Linv
-        return torch.func.vmap(logpdf, in_dims=(None, 0, 0))(v, m, X).sum() - 0.5 * (omega * V.sum(0)).sum()
-
+    logpdf = _logpdf(group)
     score = torch.func.jacrev(logpdf, argnums=0)
-    J = torch.func.vmap(torch.func.jacfwd(score, argnums=1), in_dims=(None, 0, 0))(psi, m, X)  # (S, d, P)
-    T = torch.func.vmap(torch.func.jacfwd(torch.func.jacfwd(score, argnums=1), argnums=1),
-                        in_dims=(None, 0, 0))(psi, m, X)  # (S, d, P, P)
-    complete = -torch.func.hessian(expected)(psi)
-    JV = J @ V
-    TV = T @ V.unsqueeze(1)
-    missing = torch.einsum("sdp,sep->de", JV, J) + 0.5 * torch.einsum("sdpq,seqp->de", TV, TV)
+    if group.gaussian:
+        P = group.n_params
+        eye = torch.eye(P, dtype=psi.dtype, device=psi.device)
+        nb = int(group.free.sum())
+
+        def expected(v: torch.Tensor) -> torch.Tensor:  # sum_i E[l_i] under N(m_i, V_i)
+            L = logpdf.chol(v[nb:])
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            omega = Linv.T @ Linv
+            return torch.func.vmap(logpdf, in_dims=(None, 0, 0))(v, m, X).sum() - 0.5 * (omega * V.sum(0)).sum()
+
+        J = torch.func.vmap(torch.func.jacfwd(score, argnums=1), in_dims=(None, 0, 0))(psi, m, X)  # (S, d, P)
+        T = torch.func.vmap(torch.func.jacfwd(torch.func.jacfwd(score, argnums=1), argnums=1),
+                            in_dims=(None, 0, 0))(psi, m, X)  # (S, d, P, P)
+        complete = -torch.func.hessian(expected)(psi)
+        TV = T @ V.unsqueeze(1)
+        missing = torch.einsum("sdp,sep->de", J @ V, J) + 0.5 * torch.einsum("sdpq,seqp->de", TV, TV)
+    else:  # not quadratic in theta: Monte Carlo over the Gaussian posterior moments
+        gen = torch.Generator()
+        gen.manual_seed(int(seed))
+        z = torch.randn(nsamples, *m.shape, generator=gen, dtype=m.dtype).to(m.device)
+        theta = m + torch.einsum("spq,nsq->nsp", torch.linalg.cholesky(V), z)  # (n, S, P)
+        each = torch.func.vmap(torch.func.vmap(logpdf, in_dims=(None, 0, 0)), in_dims=(None, 0, None))
+        complete = -torch.func.hessian(lambda v: each(v, theta, X).sum() / nsamples)(psi)
+        scores = torch.func.vmap(torch.func.vmap(score, in_dims=(None, 0, 0)), in_dims=(None, 0, None))(psi, theta, X)
+        centred = scores - scores.mean(0)
+        missing = torch.einsum("nsd,nse->de", centred, centred) / nsamples
     info = complete - missing
     return 0.5 * (info + info.T)
 

@@ -90,11 +90,10 @@ class FitOptions:
             raise ValueError(f"group must be one of {sorted(FAMILIES)} or a GroupFamily instance, got {self.group!r}")
         if self.formula is not None and self.covariates is None:
             raise ValueError("formula needs covariates=... (the table its names refer to)")
-        if self.covariates is not None and not (self.group in ("gaussian", "diag", "full")
-                                                or type(self.group).__name__ == "GaussianGroup"):
-            raise ValueError(f"covariates work with the Gaussian group ('gaussian'/'diag' or 'full'), got "
-                             f"group={self.group!r}: a Laplace location regression has no closed-form M-step and "
-                             "the Student-t/Cauchy regression is not implemented")
+        if self.covariates is not None and (self.group == "laplace" or type(self.group).__name__ == "LaplaceGroup"):
+            raise ValueError("covariates work with the gaussian ('gaussian'/'diag', 'full'), student_t and cauchy "
+                             "groups, not 'laplace': a Laplace location regression (least absolute deviations under "
+                             "posterior uncertainty) has no closed-form M-step")
         if self.convergence_type is not None:
             kind = str(self.convergence_type).upper()
             if kind not in ("NPL", "LME"):

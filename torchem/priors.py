@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["Prior", "GaussianPrior", "LaplacePrior", "StudentTPrior", "CauchyPrior", "UniformPrior",
-           "IndependentPrior", "as_tensor", "chi2_draws", "gaussian_neg_log_density"]
+           "IndependentPrior", "as_tensor", "chi2_draws"]
 
 
 def as_tensor(value: Any, n: int | None = None, *, name: str = "value", dtype=torch.float64,
@@ -43,14 +43,6 @@ def as_tensor(value: Any, n: int | None = None, *, name: str = "value", dtype=to
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {t.tolist()}")
     return t
-
-
-def gaussian_neg_log_density(diff: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """``(S,)`` ``-log N(diff; 0, cov)`` of deviations ``diff`` ``(S, P)`` from the mean, constant included."""
-    P = diff.shape[-1]
-    chol = torch.linalg.cholesky(cov)
-    z = torch.linalg.solve_triangular(chol, diff.unsqueeze(-1), upper=False).squeeze(-1)
-    return 0.5 * (z * z).sum(-1) + chol.diagonal().log().sum() + 0.5 * P * math.log(2 * math.pi)
 
 
 def _positive(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -86,6 +78,10 @@ class Prior:
     def hessian(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """``(S, P, P)`` Hessian of :meth:`neg_log_prior` at ``x``."""
         raise NotImplementedError
+
+    def curvature(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``(S, P, P)`` prior curvature used for the Laplace posterior at a MAP ``x`` (default: :meth:`hessian`)."""
+        return self.hessian(x, idx)
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +189,11 @@ class GaussianPrior(Prior):
         return torch.cholesky_inverse(torch.linalg.cholesky(self.sigma))
 
     def neg_log_prior(self, x, idx=None):
-        return gaussian_neg_log_density(x - self.mu, self.sigma)
+        P = x.shape[-1]
+        chol = torch.linalg.cholesky(self.sigma)
+        z = torch.linalg.solve_triangular(chol, (x - self.mu).unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = 2.0 * chol.diagonal().log().sum()
+        return 0.5 * (z * z).sum(-1) + 0.5 * logdet + 0.5 * P * math.log(2 * math.pi)
 
     def grad(self, x, idx=None):
         return (x - self.mu) @ self.precision
@@ -209,13 +209,19 @@ class GaussianPrior(Prior):
 class LaplacePrior(Prior):
     """Independent Laplace ``(1 / 2b) exp(-|x - loc| / b)`` per parameter; variance ``2 b^2``.
 
-    Its density has a kink at ``loc``: a subject whose likelihood is flat
-    there has its MAP on the kink, where the gradient does not vanish (the
-    E-step reports it as stalled, not failed).
+    The exact density has a kink at ``loc``, where a subject with a weak
+    likelihood has its MAP: there the gradient never vanishes and the
+    Hessian does not exist, so MAP searches stall and the Laplace posterior
+    is undefined.  ``|d|`` is therefore evaluated as
+    ``sqrt(d^2 + eps^2) - eps`` with ``eps = smooth * b`` (default
+    ``smooth = 1e-3``): identical to ``|d|`` within ``eps``, smooth, and with
+    curvature ``1 / (b eps)`` at the location, so a MAP there gets a narrow,
+    positive definite posterior, as the kink implies.
     """
 
     loc: torch.Tensor
     scale: torch.Tensor
+    smooth: float = 1e-3
 
     def __post_init__(self) -> None:
         self.loc = as_tensor(self.loc, name="prior loc").reshape(-1)
@@ -230,10 +236,19 @@ class LaplacePrior(Prior):
         return 2.0 * self.scale ** 2
 
     def neg_log_prior(self, x, idx=None):
-        return ((x - self.loc).abs() / self.scale + torch.log(2.0 * self.scale)).sum(-1)
+        eps = self.smooth * self.scale
+        d = x - self.loc
+        return ((torch.sqrt(d * d + eps * eps) - eps) / self.scale + torch.log(2.0 * self.scale)).sum(-1)
 
     def hessian(self, x, idx=None):
-        return torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+        eps = self.smooth * self.scale
+        d = x - self.loc
+        return torch.diag_embed(eps * eps / (self.scale * (d * d + eps * eps) ** 1.5))
+
+    def curvature(self, x, idx=None):
+        """The smoothed kink's curvature, capped at ``1 / (2 b^2)``: at the location the Laplace posterior
+        of a weakly informed subject is the Gaussian with the prior's variance, not a spike."""
+        return torch.minimum(self.hessian(x, idx), torch.diag_embed((0.5 / self.scale ** 2).expand_as(x)))
 
     def sample(self, n, generator=None, idx=None):
         u = self._rand(n, generator).clamp(1e-16, 1 - 1e-16) - 0.5
