@@ -94,13 +94,18 @@ def test_fit_runs_to_the_end_and_fills_results(sim):
     assert len(dash.history) == res.n_iter == len(res.history)
     assert [s.iteration for s in dash.history] == list(range(1, res.n_iter + 1))
     np.testing.assert_allclose([s.npl for s in dash.history], res.history["NPL"].to_numpy())
-    # results: one row per subject, evidence, plots (recovery + history), buttons back to idle
+    # results: one row per subject, evidence, plots (recovery, history, posterior predictive check), buttons back to idle
     assert len(dash.results_df) == S and list(dash.results_df.columns[:2]) == ["beta", "alpha"]
     assert _body_rows(dash.results_table.value) == S
     assert "torchem-results" in dash.results_table.value
     assert np.isfinite(dash.summary["LME"]) and np.isfinite(dash.summary["iBIC"])
     assert "LME" in dash.results_summary.value and "iBIC" in dash.results_summary.value
-    assert len(dash.results_plot.outputs) == 2 and "image/png" in dash.results_plot.outputs[0]["data"]
+    assert len(dash.results_plot.outputs) == 3 and all("image/png" in o["data"] for o in dash.results_plot.outputs)
+    # the posterior predictive check of the fit: the bandit statistics, observed inside most of their bands
+    ppc = dash.ppc_result
+    assert ppc.nsims == dash.ppc_nsims and len(ppc.subject_ids) == S
+    assert set(ppc.statistics) == {"p(better) by trial", "p(better) by block", "win-stay / lose-shift"}
+    assert (ppc.coverage("subject") > 0.8).all()
     assert len(dash.live_plot.outputs) == 1
     assert dash.tabs.selected_index == 1
     assert dash.fit_button.disabled is False and dash.stop_button.disabled is True
@@ -139,7 +144,7 @@ def test_fit_every_model_shows_a_comparison(sim):
     assert list(dash.comparison_df.index) == ["RW1", "RW2"]
     assert {"pxp", "exp_r", "dLME"} <= set(dash.comparison_df.columns)
     assert "torchem-comparison" in dash.results_summary.value
-    assert len(dash.results_plot.outputs) == 2  # comparison + history
+    assert len(dash.results_plot.outputs) == 3  # comparison, history, posterior predictive check
 
 
 def test_bad_data_is_shown_not_raised(sim):

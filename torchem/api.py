@@ -1,6 +1,7 @@
 """``EMModel``: pyEM's user-facing vocabulary over torchem's batched engine."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import evidence, plotting
+from . import crossval, evidence, plotting, ppc
 from .data import SubjectBatch
 from .em import EMRun, FitResult, IterationState
 from .estep import importance_draws, neg_log_posterior
@@ -500,8 +501,13 @@ class EMModel:
         def nll_fn(theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return self.model.nll(theta, tuple(d[idx] for d in data), mask[idx])
 
-        return evidence.integrated_log_likelihood(nll_fn, lambda n: grp.sample(n, gen), len(self.batch),
-                                                  nsamples, chunk)
+        S = self.batch.n_subjects
+        subjects = torch.arange(S, device=self.device)
+
+        def sample(n: int) -> torch.Tensor:  # row r is subject r % S (a group with covariates has its own means)
+            return grp.sample(n, gen, subjects.repeat(n // S))
+
+        return evidence.integrated_log_likelihood(nll_fn, sample, S, nsamples, chunk)
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
                                max_elements: int | None = None, func_output: str = "all",
@@ -632,3 +638,90 @@ class EMModel:
         if show:
             plt.show()
         return fig
+
+    # ------------------------------------------------- predictive checks
+    def ppc(self, nsims: int = 100, draws: str = "posterior", seed: int | None = 0, statistics: Any = None, *,
+            builtin: bool = True, family: "ppc.Family | None" = None, chunk: int | None = None,
+            nsamples: int = 2000, verbose: int = 0) -> "ppc.PPCResult":
+        """Posterior predictive check: simulate every subject ``nsims`` times and compare summary statistics.
+
+        Parameters
+        ----------
+        nsims : int
+            Replicates per subject.
+        draws : {"posterior", "importance", "laplace", "map"}
+            Parameters of each replicate: drawn from the subject's posterior
+            under the fitted group prior (``"posterior"`` = ``"importance"``:
+            importance-weighted draws; ``"laplace"``: the Gaussian at the
+            MAP with the inverse Hessian) or fixed at the MAP.
+        seed : int
+            Seed of the draws and the simulation.
+        statistics : dict, callable or list, optional
+            Extra statistics: functions of a :class:`torchem.ppc.Replicate`
+            returning ``(n,)``, ``(n, K)`` or ``{label: (n,)}``.
+        builtin : bool
+            Include the model family's built-in statistics (bandits: choice
+            rate of the better option per trial and block, win-stay /
+            lose-shift; two-step: stay probability by reward x transition;
+            regressions: fitted vs observed; ...).
+        family : torchem.ppc.Family, optional
+            How the data arise, for a model without a registered family.
+        chunk : int, optional
+            Replicates per batched simulation (default: bounded memory on the device).
+        nsamples : int
+            Weighted draws per subject behind ``draws="importance"``.
+        verbose : int
+            1: a progress bar.
+
+        Returns
+        -------
+        torchem.ppc.PPCResult
+            ``observed`` and ``simulated`` tidy DataFrames, ``summary()``,
+            ``coverage()`` and ``plot()`` (:func:`torchem.plotting.plot_ppc`).
+        """
+        return ppc.posterior_predictive(self.model, self.batch, self._fitted(), nsims=nsims, draws=draws, seed=seed,
+                                        statistics=statistics, builtin=builtin, family=family, chunk=chunk,
+                                        nsamples=nsamples, verbose=verbose)
+
+    def cross_validate(self, folds: str | int = "blocks", seed: int | None = 0, *, nsamples: int = 2000,
+                       fit_kwargs: dict | None = None, exchangeable: bool | None = None,
+                       verbose: int = 0) -> "crossval.CVResult":
+        """Cross-validated held-out predictive likelihood (:mod:`torchem.crossval`).
+
+        For each fold a copy of this model is fitted (hierarchically) to the
+        training trials, and each subject's held-out trials are scored by
+        their log predictive likelihood, averaged over importance-weighted
+        draws of the subject's training posterior, and at the training MAP.
+
+        Parameters
+        ----------
+        folds : "blocks" or int
+            ``"blocks"``: leave one block out.  ``k``: ``k`` folds of whole
+            blocks for models whose likelihood depends on trial order
+            (learning), of single trials for models with exchangeable trials.
+        seed : int
+            Seed of the fold assignment, the fits and the draws.
+        nsamples : int
+            Importance draws per subject and fold.
+        fit_kwargs : dict, optional
+            Options of the training fits that differ from this model's last
+            fit (default: the same options, or the defaults if unfitted).
+        exchangeable : bool, optional
+            Override whether single trials may be held out.
+        verbose : int
+            1: a progress bar over folds.
+
+        Returns
+        -------
+        torchem.crossval.CVResult
+            Per-subject and total held-out log-likelihood with standard errors.
+        """
+        base = self.result.options if (self.result is not None and self.result.options is not None) else FitOptions()
+        opts = {f.name: getattr(base, f.name) for f in dataclasses.fields(FitOptions)}
+        opts.update(seed=seed, **(fit_kwargs or {}))
+
+        def fit(train: SubjectBatch) -> FitResult:
+            return self.with_data(train).fit(verbose=0, options=FitOptions(**opts))
+
+        return crossval.cross_validate(self.model, self.batch, fit, folds=folds, seed=seed, nsamples=nsamples,
+                                       exchangeable=exchangeable, verbose=verbose)

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .convergence import EMStep, GroupRule, group_change, make_rule
+from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
 from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus
 from .groups import GroupFamily, make_group
@@ -216,6 +217,17 @@ class FitResult:
                      for j, n in enumerate(self.param_names)})
         return pd.DataFrame(cols, index=pd.Index(self.subject_ids, name="subject"))
 
+    def group_coefficients(self, level: float = 0.95) -> pd.DataFrame:
+        """Coefficients of the covariates in the group prior, with inference (a fit with ``covariates=``).
+
+        One row per parameter x covariate (normalized space): ``estimate``,
+        ``se`` (from the observed information of the marginal likelihood,
+        Louis' method with the E-step moments: the uncertainty of every
+        subject's parameters is included), ``z``, two-sided ``p`` and the
+        ``level`` confidence interval (:func:`torchem.covariates.coefficient_table`).
+        """
+        return coefficient_table(self, level)
+
     def group_df(self) -> pd.DataFrame:
         """Group location, standard deviation (normalized) and the location mapped to natural space."""
         if self.group is None:
@@ -307,6 +319,10 @@ class EMRun:
             self.generator.manual_seed(int(options.seed))
         self.family = make_group(options.group, P, dtype=self.dtype, device=self.device, var=options.init_var,
                                  df=options.df)
+        if options.covariates is not None:  # the group mean follows the subjects' covariates
+            self.family = covariate_group(self.family, options.covariates, options.formula, batch.subject_ids,
+                                          model.param_names, dtype=self.dtype, device=self.device,
+                                          var=options.init_var)
         start = options.starting_prior(P)
         self.prior: Prior = self.family if start is None else start.to(self.device, self.dtype)
         x0 = 0.1 * torch.randn(S, P, generator=self.generator, dtype=self.dtype).to(self.device)

@@ -198,9 +198,13 @@ def bms(lme, alpha0: float | np.ndarray = 1.0, max_iter: int = 10_000, tol: floa
 
     Parameters
     ----------
-    lme : array-like
-        ``(S, K)`` log evidence of each of ``K`` models for each subject
-        (e.g. Laplace evidences from :meth:`EMModel.compute_lme`).
+    lme : array-like or DataFrame
+        ``(S, K)`` log evidence of each of ``K`` models for each subject:
+        Laplace evidences (:meth:`EMModel.compute_lme`,
+        :meth:`ModelComparison.subject_lme`) or held-out log predictive
+        likelihoods from cross-validation (:meth:`ModelComparison.subject_cv`,
+        ``CVResult.subjects["elpd"]``), which do not rest on the Laplace
+        approximation.
     alpha0 : float or ``(K,)``
         Dirichlet prior (1: uniform over frequencies).
     max_iter, tol : int, float
@@ -213,7 +217,7 @@ def bms(lme, alpha0: float | np.ndarray = 1.0, max_iter: int = 10_000, tol: floa
     -------
     BMSResult
     """
-    L = np.array(lme.detach().cpu().numpy() if isinstance(lme, torch.Tensor) else lme, dtype=float)
+    L = np.array(lme.detach().cpu().numpy() if isinstance(lme, torch.Tensor) else np.asarray(lme), dtype=float)
     if L.ndim != 2 or L.shape[1] < 2:
         raise ValueError(f"lme must be (subjects, models) with at least 2 models, got shape {L.shape}")
     if not np.isfinite(L).all():

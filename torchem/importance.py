@@ -30,7 +30,7 @@ import torch
 
 from .priors import chi2_draws
 
-__all__ = ["ImportanceResult", "importance_sample", "pairs_per_call"]
+__all__ = ["ImportanceResult", "importance_sample", "weighted_draws", "evaluate_pairs", "pairs_per_call"]
 
 
 def pairs_per_call(trial_cells: int, device: torch.device) -> int:
@@ -75,7 +75,7 @@ def _draw(n: int, S: int, P: int, df: float, generator: torch.Generator, dtype: 
     return z.to(device), (df / u).sqrt().to(device)
 
 
-def importance_sample(
+def weighted_draws(
     log_post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     m: torch.Tensor,
     cov: torch.Tensor,
@@ -84,8 +84,8 @@ def importance_sample(
     *,
     df: float = 5.0,
     chunk: int = 200_000,
-) -> ImportanceResult:
-    """Importance-sample every subject's posterior with a Student-t proposal.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student-t draws around every subject's MAP and their log importance weights.
 
     Parameters
     ----------
@@ -107,7 +107,11 @@ def importance_sample(
 
     Returns
     -------
-    ImportanceResult
+    theta : Tensor
+        ``(n, S, P)`` draws.
+    log_w : Tensor
+        ``(n, S)`` unnormalized log weights ``log_post - log q`` (``-inf``
+        where the posterior is not finite).
     """
     S, P = m.shape
     dtype, device = m.dtype, m.device
@@ -119,12 +123,47 @@ def importance_sample(
     maha = (z * z).sum(-1) * scale * scale
     log_q = (math.lgamma((df + P) / 2) - math.lgamma(df / 2) - 0.5 * P * math.log(df * math.pi)
              - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * (df + P) * torch.log1p(maha / df))
+    lp = evaluate_pairs(log_post, theta, chunk)
+    log_w = lp - log_q
+    return theta, torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+
+
+def evaluate_pairs(fun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], theta: torch.Tensor,
+                   chunk: int) -> torch.Tensor:
+    """``fun`` at every draw of every subject, ``(n, S)``, in batched calls of at most ``chunk`` pairs.
+
+    ``fun(theta, idx) -> (k,)`` takes ``k`` parameter rows ``(k, P)`` of the
+    subjects ``idx`` ``(k,)``; ``theta`` is ``(n, S, P)`` and is evaluated
+    draw-major without gradients.
+    """
+    n, S, P = theta.shape
     flat = theta.reshape(-1, P)
-    idx = torch.arange(S, device=device).repeat(nsamples)
+    idx = torch.arange(S, device=theta.device).repeat(n)
     with torch.no_grad():
-        lp = torch.cat([log_post(flat[lo:lo + chunk], idx[lo:lo + chunk]) for lo in range(0, flat.shape[0], chunk)])
-    log_w = lp.reshape(nsamples, S) - log_q
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+        out = torch.cat([fun(flat[lo:lo + chunk], idx[lo:lo + chunk]) for lo in range(0, flat.shape[0], chunk)])
+    return out.reshape(n, S)
+
+
+def importance_sample(
+    log_post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    m: torch.Tensor,
+    cov: torch.Tensor,
+    nsamples: int,
+    generator: torch.Generator,
+    *,
+    df: float = 5.0,
+    chunk: int = 200_000,
+) -> ImportanceResult:
+    """Importance-sample every subject's posterior with a Student-t proposal.
+
+    Parameters and draws as in :func:`weighted_draws`.
+
+    Returns
+    -------
+    ImportanceResult
+    """
+    S = m.shape[0]
+    theta, log_w = weighted_draws(log_post, m, cov, nsamples, generator, df=df, chunk=chunk)
     top = log_w.max(0).values
     w = torch.exp(log_w - top)  # (n, S), max 1
     w_sum = w.sum(0)
@@ -137,4 +176,4 @@ def importance_sample(
     se = w.std(0, unbiased=True) / (mean_w * math.sqrt(nsamples))
     ess = w_sum ** 2 / (w * w).sum(0)
     return ImportanceResult(mean, 0.5 * (cov_post + cov_post.transpose(-1, -2)), log_ev, se, ess,
-                            torch.full((S,), nsamples, device=device))
+                            torch.full((S,), nsamples, device=m.device))

@@ -31,6 +31,12 @@ class FitOptions:
                                   "'laplace', 'student_t', 'cauchy', or a GroupFamily instance")
     mstep: Any = _opt(None, "pyEM's name for `group` ('gaussian', 'laplace', 'student_t', 'cauchy')", cli=False)
     df: float = _opt(8.0, "degrees of freedom of the 'student_t' group")
+    covariates: Any = _opt(None, "subject covariates of the group mean, mu_i = X_i B (torchem.covariates): a "
+                                 "DataFrame indexed by subject id, or an array with one row per subject; "
+                                 "categorical columns are dummy coded, an intercept is added", cli=False)
+    formula: Any = _opt(None, "which covariates enter which parameter's group mean: '~ group + age' for every "
+                              "parameter, or {'alpha': '~ group', 'beta': '~ 1'}; '0 +' or '- 1' drops the "
+                              "intercept; default every covariate column and an intercept", cli=False)
     prior: Any = _opt(None, "prior object (torchem.priors) used by the first E-step, until the first valid "
                             "M-step; default: the group family at mean 0, variance `init_var`", cli=False)
     prior_mu: Any = _opt(None, "mean of a Gaussian starting prior (pyEM); give with `prior_sigma`", cli=False)
@@ -84,6 +90,12 @@ class FitOptions:
             self.group, self.mstep = self.mstep, None
         if not (isinstance(self.group, GroupFamily) or self.group in FAMILIES):
             raise ValueError(f"group must be one of {sorted(FAMILIES)} or a GroupFamily instance, got {self.group!r}")
+        if self.formula is not None and self.covariates is None:
+            raise ValueError("formula needs covariates=... (the table its names refer to)")
+        if self.covariates is not None and (self.group == "laplace" or type(self.group).__name__ == "LaplaceGroup"):
+            raise ValueError("covariates work with the gaussian ('gaussian'/'diag', 'full'), student_t and cauchy "
+                             "groups, not 'laplace': a Laplace location regression (least absolute deviations under "
+                             "posterior uncertainty) has no closed-form M-step")
         if self.convergence_type is not None:
             kind = str(self.convergence_type).upper()
             if kind not in ("NPL", "LME"):

@@ -1,4 +1,4 @@
-"""Matplotlib figures: recovery scatters and EM convergence."""
+"""Matplotlib figures: recovery scatters, EM convergence and posterior predictive checks."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["plot_scatter", "plot_recovery", "plot_history", "plot_matrix", "plot_choices"]
+__all__ = ["plot_scatter", "plot_recovery", "plot_history", "plot_matrix", "plot_choices", "plot_ppc"]
 
 
 def plot_scatter(x: Sequence[float], xlabel: str, y: Sequence[float], ylabel: str, ax=None,
@@ -186,4 +186,101 @@ def plot_choices(choices_A: ArrayLike, filename: str | None = None, ax=None):  #
     ax.legend()
     if filename:
         fig.savefig(filename, dpi=450, bbox_inches="tight")
+
+
+def _ppc_panel(ax, table, unit: str, kind: str, colors: dict) -> None:
+    """Observed values (markers) against the predictive mean and interval of every unit (group or subject)."""
+    units = list(dict.fromkeys(table[unit]))
+    width = 0.6 / max(len(units), 1)
+    for k, u in enumerate(units):
+        t = table[table[unit] == u]
+        c = colors[u]
+        x = t["x"].to_numpy(dtype=float)
+        lo, mid, hi = (t[col].to_numpy(dtype=float) for col in ("lower", "mean", "upper"))
+        obs = t["observed"].to_numpy(dtype=float)
+        if kind == "curve":
+            ax.fill_between(x, lo, hi, color=c, alpha=0.25, lw=0)
+            ax.plot(x, mid, color=c, ls="--", lw=1)
+            ax.plot(x, obs, color=c, marker="o", ms=3, lw=1, label=str(u))
+        else:
+            pos = x if kind == "fitted" else np.arange(len(t)) + (k - (len(units) - 1) / 2) * width
+            ax.errorbar(pos, mid, yerr=[mid - lo, hi - mid], fmt="none", ecolor=c, elinewidth=3, alpha=0.35)
+            ax.plot(pos, obs, ls="none", marker="o", ms=4, color=c, label=str(u))
+    if kind == "points" and len(table):
+        first = table[table[unit] == units[0]]
+        ax.set_xticks(range(len(first)), [str(c) for c in first["cell"]], rotation=30 if len(first) > 3 else 0,
+                      ha="right" if len(first) > 3 else "center", fontsize="small")
+    if kind == "fitted" and len(table):
+        lo_hi = table[["x", "observed"]].to_numpy(dtype=float)
+        lo_hi = lo_hi[np.isfinite(lo_hi).all(1)]
+        if lo_hi.size:
+            a, b = float(lo_hi.min()), float(lo_hi.max())
+            ax.plot([a, b], [a, b], color="0.5", lw=1, ls=":")
+
+
+def plot_ppc(ppc, statistics: Sequence[str] | None = None, subjects: Sequence = (), groups=None,
+             interval: float = 0.95, bins: int = 10, fig=None, figsize: tuple[float, float] | None = None):
+    """Observed summary statistics against their posterior predictive band.
+
+    The first row shows every statistic averaged over the subjects of each
+    group (one colour per group); each further row one selected subject.
+    Learning curves are drawn as lines (observed, with markers) over the
+    predictive interval (shaded) and mean (dashed); other statistics as
+    observed points over interval bars; per-trial statistics as observed
+    against fitted, binned by the fitted value (dotted: identity).
+
+    Parameters
+    ----------
+    ppc : PPCResult
+        From :meth:`EMModel.ppc`.
+    statistics : list of str, optional
+        Statistics to draw (default all).
+    subjects : sequence
+        Subject ids to draw one row each for.
+    groups : Series, dict or array, optional
+        Group label per subject (e.g. patients / controls); default one group.
+    interval : float
+        Central predictive interval.
+    bins : int
+        Bins of the fitted value for per-trial statistics.
+    fig : matplotlib Figure, optional
+        Draw into this (e.g. a bare ``matplotlib.figure.Figure`` off the pyplot registry).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    names = list(statistics or ppc.statistics)
+    subjects = list(subjects)
+    unknown = [s for s in subjects if s not in ppc.subject_ids]
+    if unknown:
+        raise ValueError(f"unknown subject(s) {unknown}")
+    group = ppc.summary("group", groups, interval, bins, names)
+    per_subject = ppc.summary("subject", None, interval, bins, names) if subjects else None
+    nrows, ncols = 1 + len(subjects), len(names)
+    size = figsize or (3.6 * ncols, 3.0 * nrows)
+    if fig is None:
+        fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    else:
+        fig.set_size_inches(*size)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    g_colors = {g: cycle[k % len(cycle)] for k, g in enumerate(dict.fromkeys(group["group"]))}
+    for j, name in enumerate(names):
+        st = ppc.statistics[name]
+        ax = axes[0, j]
+        _ppc_panel(ax, group[group["statistic"] == name], "group", st.kind, g_colors)
+        ax.set_title(name, fontsize="medium")
+        if len(g_colors) > 1 and j == 0:
+            ax.legend(fontsize="small")
+        for r, sid in enumerate(subjects, start=1):
+            t = per_subject[(per_subject["statistic"] == name) & (per_subject["subject"] == sid)]
+            _ppc_panel(axes[r, j], t, "subject", st.kind, {sid: cycle[0]})
+            axes[r, j].set_title(f"{name}: subject {sid}", fontsize="small")
+        for r in range(nrows):
+            axes[r, j].set_xlabel(st.xlabel if st.kind != "fitted" else "fitted")
+        axes[0, j].set_ylabel("observed" if st.kind == "fitted" else "")
+    fig.suptitle(f"Posterior predictive check ({ppc.nsims} replicates per subject, draws: {ppc.draws}; "
+                 f"{int(round(100 * interval))}% intervals)", fontsize="medium")
+    fig.tight_layout()
     return fig

@@ -17,9 +17,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from torchem.plotting import plot_scatter
+from torchem.plotting import plot_ppc, plot_scatter
 
-__all__ = ["history_figure", "recovery_figure", "comparison_figure", "empty_figure", "figure_output", "figure_png"]
+__all__ = ["history_figure", "recovery_figure", "comparison_figure", "empty_figure", "ppc_figure", "figure_output",
+           "figure_png"]
 
 
 def history_figure(history: pd.DataFrame, param_names: Sequence[str], title: str = "",
@@ -75,6 +76,14 @@ def comparison_figure(table: pd.DataFrame) -> Figure:
     a1.bar(names, table["pxp"].to_numpy(dtype=float), color="tab:orange")
     a1.set_ylim(0, 1)
     a1.set_ylabel("protected exceedance\nprobability")
+    return fig
+
+
+def ppc_figure(ppc) -> Figure:
+    """The group-level posterior predictive check of every built-in statistic (``torchem.plotting.plot_ppc``)."""
+    fig = plot_ppc(ppc, fig=Figure())
+    fig.set_size_inches(min(3.2 * len(ppc.statistics), 10.0), 3.0)
+    fig.tight_layout()
     return fig
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from torchem import EMModel, ModelComparison, SubjectBatch
-from torchem.groups import FAMILIES
-from torchem.options import FitOptions
+from torchem import EMModel, ModelComparison, SubjectBatch, ppc
 from torchem.api import convergence_text
 from torchem.em import IterationState
+from torchem.groups import FAMILIES
+from torchem.options import FitOptions
 
-from ._figures import comparison_figure, empty_figure, figure_output, history_figure, recovery_figure
+from ._figures import comparison_figure, empty_figure, figure_output, history_figure, ppc_figure, recovery_figure
 from .data_loader import DataLoader, _error_html
 
 __all__ = ["FitDashboard"]
@@ -442,6 +442,7 @@ class FitDashboard(W.VBox):
             self.comparison_df = mc.compare(bicint_kwargs={"nsamples": self.ibic_nsamples})
             figures.append(comparison_figure(self.comparison_df))
         figures.append(history_figure(res.history, em.param_names, title=f"{name}: EM history", figsize=(7.5, 3.0)))
+        figures.extend(self._posterior_predictive(em, name))
         self.results_plot.outputs = tuple(figure_output(f) for f in figures)
 
         state = html.escape(convergence_text(res))
@@ -470,6 +471,24 @@ class FitDashboard(W.VBox):
         self.state = "stopped" if stopped else "done"
         self._status(f"Fit {'stopped' if stopped else 'finished'}: {html.escape(name)}, {state}")
         self.tabs.selected_index = 1
+
+    #: Replicates per subject of the posterior predictive check shown after a fit (0: none).
+    ppc_nsims: int = 50
+    #: The last posterior predictive check (``torchem.ppc.PPCResult``), or its error message.
+    ppc_result: Any = None
+
+    def _posterior_predictive(self, em: EMModel, name: str) -> list:
+        """The posterior predictive check figure of a finished fit (none for models without a PPC family)."""
+        self.ppc_result = None
+        if self.ppc_nsims < 2 or self.result.stopped or ppc.family_of(em.model.fit_func) is None:
+            return []
+        self._status(f"{html.escape(name)}: posterior predictive check ...")
+        try:
+            self.ppc_result = em.ppc(nsims=self.ppc_nsims, seed=0, nsamples=1000)
+        except Exception as exc:  # the check must not hide the fit's results
+            self.ppc_result = f"posterior predictive check failed: {type(exc).__name__}: {exc}"
+            return []
+        return [ppc_figure(self.ppc_result)]
 
     def _show_error(self, exc: BaseException, name: str) -> None:
         self.state = "error"
