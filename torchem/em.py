@@ -27,6 +27,7 @@ goes on from ``c``.  Every E-step counts towards
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -268,6 +269,28 @@ class FitResult:
             out["group_var_normalized"] = self.posterior_var.cpu().tolist()
             out["group_mu_natural"] = g["mu (natural)"].tolist()
         return out
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write the result to ``path``: tensors in a torch file, names, options and history as JSON text.
+
+        Group families are stored by :meth:`~torchem.groups.GroupFamily.state_dict`, transforms by the name
+        of the built-in transform (a custom one must be given again to :meth:`load`).
+        """
+        from .saving import save_result
+
+        save_result(self, path)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", *, map_location: Any = "cpu",
+             param_xform: list | None = None) -> "FitResult":
+        """Read a result written by :meth:`save` (on the CPU by default, whatever device wrote it).
+
+        ``torch.load(..., weights_only=True)`` reads it: no pickled code runs, and a foreign or damaged
+        file raises ``ValueError``.  ``param_xform`` replaces the saved transforms (needed for custom ones).
+        """
+        from .saving import load_result
+
+        return load_result(path, map_location=map_location, param_xform=param_xform)
 
     def __repr__(self) -> str:
         state = "converged" if self.convergence else ("stopped" if self.stopped else "not converged")

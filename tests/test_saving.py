@@ -1,0 +1,116 @@
+"""Saving and loading results, chunked E-steps (same numbers as one batch)."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from torchem import EMModel, FitResult
+from torchem.models.rl import rw1a1b_fit
+
+from conftest import simulate_bandit
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def bandit():
+    _, _, all_data = simulate_bandit(24, nblocks=2, ntrials=24, seed=5)
+    return all_data
+
+
+@pytest.fixture(scope="module")
+def fitted(bandit):
+    model = EMModel(bandit, rw1a1b_fit, device="cpu")
+    model.fit(verbose=0, mstep_maxit=40)
+    return model
+
+
+def _same(a: FitResult, b: FitResult) -> None:
+    pd.testing.assert_frame_equal(a.params_df(), b.params_df(), check_exact=True)
+    for k in ("m", "inv_h", "NPL", "NLPrior", "NLL", "hess_logdet", "hessian_ok", "laplace_capped", "status", "n_obs"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    assert a.group.state_dict()["family"] == b.group.state_dict()["family"]
+    for k, v in a.group.raw_hyper().items():
+        assert torch.equal(v, b.group.raw_hyper()[k]), k
+    assert a.summary() == b.summary()
+    pd.testing.assert_frame_equal(a.history, b.history, check_dtype=False)
+
+
+class TestSaveLoad:
+    def test_round_trip(self, fitted, tmp_path):
+        res = fitted.result
+        res.save(tmp_path / "fit.pt")
+        back = FitResult.load(tmp_path / "fit.pt")
+        _same(res, back)
+        assert back.options.group == res.options.group and back.options.seed == res.options.seed
+        assert back.estep_prior is not None and torch.equal(back.estep_prior.mean, res.estep_prior.mean)
+
+    def test_model_round_trip_gives_the_same_evidence(self, fitted, bandit, tmp_path):
+        fitted.save(tmp_path / "model.pt")
+        other = EMModel(bandit, rw1a1b_fit, device="cpu").load(tmp_path / "model.pt")
+        _same(fitted.result, other.result)
+        lme_a, lme_b = fitted.compute_lme()[1], other.compute_lme()[1]
+        assert lme_a == lme_b and np.isfinite(lme_a)
+        bic_a = fitted.compute_integrated_bic(nsamples=200, seed=3)
+        assert other.compute_integrated_bic(nsamples=200, seed=3) == bic_a
+
+    @pytest.mark.parametrize("group", ["laplace", "student_t", "full"])
+    def test_group_families(self, bandit, group, tmp_path):
+        model = EMModel(bandit, rw1a1b_fit, device="cpu")
+        res = model.fit(verbose=0, group=group, mstep_maxit=4)
+        res.save(tmp_path / "g.pt")
+        back = FitResult.load(tmp_path / "g.pt")
+        _same(res, back)
+        assert type(back.group) is type(res.group) and back.group.config() == res.group.config()
+
+    def test_float32_and_wrong_model(self, bandit, tmp_path):
+        model = EMModel(bandit, rw1a1b_fit, device="cpu", dtype=torch.float32)
+        res = model.fit(verbose=0, mstep_maxit=3)
+        res.save(tmp_path / "f32.pt")
+        back = FitResult.load(tmp_path / "f32.pt")
+        assert back.m.dtype == torch.float32
+        _same(res, back)
+        other = EMModel(bandit[:10], rw1a1b_fit, device="cpu")
+        with pytest.raises(ValueError, match="subject ids differ"):
+            other.load(tmp_path / "f32.pt")
+
+    def test_custom_transform_must_be_given_again(self, bandit, tmp_path):
+        def fit2(params, choices, rewards, mask=None, output="nll"):
+            return rw1a1b_fit(params, choices, rewards, mask=mask, output=output)
+
+        xform = [lambda x: 2 * x, lambda x: x]
+        model = EMModel(bandit, fit2, ["beta", "lr"], xform, device="cpu")
+        model.fit(verbose=0, mstep_maxit=3)
+        model.save(tmp_path / "c.pt")
+        back = FitResult.load(tmp_path / "c.pt")
+        with pytest.raises(ValueError, match="custom function"):
+            back.params_df()
+        again = EMModel(bandit, fit2, ["beta", "lr"], xform, device="cpu").load(tmp_path / "c.pt")
+        pd.testing.assert_frame_equal(again.result.params_df(), model.result.params_df())
+
+    def test_foreign_and_tampered_files(self, fitted, tmp_path):
+        class Evil:
+            def __reduce__(self):
+                return (print, ("code ran",))
+
+        path = tmp_path / "evil.pt"
+        with open(path, "wb") as fh:
+            pickle.dump({"format": "torchem.FitResult", "x": Evil()}, fh)
+        with pytest.raises(ValueError, match="not a torchem result file"):
+            FitResult.load(path)
+        torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+        with pytest.raises(ValueError, match="format marker"):
+            FitResult.load(tmp_path / "foreign.pt")
+        (tmp_path / "text.pt").write_text("hello")
+        with pytest.raises(ValueError, match="not a torchem result file"):
+            FitResult.load(tmp_path / "text.pt")
+        fitted.save(tmp_path / "ok.pt")
+        payload = torch.load(tmp_path / "ok.pt", weights_only=True)
+        payload["tensors"]["NPL"] = payload["tensors"]["NPL"][:3]
+        torch.save(payload, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match="damaged.*NPL"):
+            FitResult.load(tmp_path / "bad.pt")
