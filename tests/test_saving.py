@@ -114,3 +114,42 @@ class TestSaveLoad:
         torch.save(payload, tmp_path / "bad.pt")
         with pytest.raises(ValueError, match="damaged.*NPL"):
             FitResult.load(tmp_path / "bad.pt")
+
+
+class TestChunks:
+    def test_one_three_seven_chunks_are_bit_identical(self, bandit):
+        model = EMModel(bandit[:21], rw1a1b_fit, device="cpu")
+        results = [model.fit(verbose=0, mstep_maxit=15, chunk_size=size) for size in (None, 21, 7, 3)]
+        ref = results[0]
+        assert bool((ref.status == 0).all())  # no restarts: their draws depend on the chunking (README)
+        for res in results[1:]:
+            _same(ref, res)
+
+    def test_float32_chunks_agree_to_its_rounding(self, bandit):
+        model = EMModel(bandit[:21], rw1a1b_fit, device="cpu", dtype=torch.float32)
+        ref, res = (model.fit(verbose=0, mstep_maxit=15, chunk_size=size) for size in (None, 3))
+        torch.testing.assert_close(ref.m, res.m, rtol=0, atol=2e-3)
+        torch.testing.assert_close(ref.NPL.sum(), res.NPL.sum(), rtol=1e-4, atol=0)  # float32 E-step tolerance
+
+    def test_importance_chunks(self, bandit):
+        model = EMModel(bandit[:12], rw1a1b_fit, device="cpu")
+        a = model.fit(verbose=0, mstep_maxit=12, estep="importance", nsamples=200, chunk_size=None)
+        b = model.fit(verbose=0, mstep_maxit=12, estep="importance", nsamples=200, chunk_size=5)
+        # the Laplace phase is identical; the importance draws differ by chunk (Monte Carlo agreement)
+        lap = a.history["estep"] == "laplace"
+        pd.testing.assert_frame_equal(a.history[lap], b.history[lap])
+        torch.testing.assert_close(a.m, b.m, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(a.history["LME"].iloc[-1], b.history["LME"].iloc[-1], atol=0.5)
+
+    def test_auto_and_bad_values(self, bandit):
+        from torchem.estep import auto_chunk_size, free_memory
+
+        model = EMModel(bandit[:6], rw1a1b_fit, device="cpu")
+        assert free_memory(torch.device("cpu")) > 10**7
+        assert auto_chunk_size(model.batch, 2, torch.float64) == 6  # a small study fits at once
+        assert auto_chunk_size(model.batch, 2, torch.float64, fraction=1e-9) == 1
+        res = model.fit(verbose=0, mstep_maxit=3, chunk_size="auto")
+        assert res.options.chunk_size == "auto"
+        for bad in (0, -2, 2.5, "big", True):
+            with pytest.raises(ValueError, match="chunk_size"):
+                model.fit(verbose=0, chunk_size=bad)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .convergence import EMStep, GroupRule, group_change, make_rule
 from .data import SubjectBatch
-from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus
+from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
 from .groups import GroupFamily, make_group
 from .importance import ImportanceResult
 from .model import Model
@@ -339,6 +339,8 @@ class EMRun:
                                     estep_maxit=options.estep_maxit, gtol=options.gtol,
                                     hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap)
         self.all_idx = torch.arange(S, device=self.device)
+        self.chunk_size = (auto_chunk_size(batch, P, self.dtype) if options.chunk_size == "auto"
+                           else options.chunk_size)
         self.rows: list[dict] = []
         self.warnings: list[str] = []
         self.last: tuple[PosteriorMoments, Prior] | None = None  # last E-step and the group after its M-step
@@ -354,8 +356,8 @@ class EMRun:
               importance: ImportanceEStep | None = None) -> PosteriorMoments:
         """E-step of every subject under ``prior`` (counted towards ``mstep_maxit``)."""
         if importance is not None:
-            return importance.run(self.all_idx, prior, nsamples)
-        return self.laplace.run(self.all_idx, prior)
+            return run_in_chunks(lambda idx: importance.run(idx, prior, nsamples), self.all_idx, self.chunk_size)
+        return run_in_chunks(lambda idx: self.laplace.run(idx, prior), self.all_idx, self.chunk_size)
 
     def mstep(self, post: PosteriorMoments, current: Prior) -> Prior:
         """The family re-estimated from ``post``; an invalid M-step keeps ``current`` (with a warning)."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -29,7 +30,8 @@ from .model import Model
 from .optim import minimize
 from .priors import Prior
 
-__all__ = ["SubjectStatus", "PosteriorMoments", "LaplaceEStep", "ImportanceEStep", "neg_log_posterior"]
+__all__ = ["SubjectStatus", "PosteriorMoments", "LaplaceEStep", "ImportanceEStep", "neg_log_posterior",
+           "run_in_chunks", "auto_chunk_size", "free_memory"]
 
 
 class SubjectStatus(enum.IntEnum):
@@ -96,13 +98,15 @@ def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
     data, mask, S = batch.data, batch.mask, batch.n_subjects
     if subjects is None:
         subjects = torch.arange(S, device=mask.device)
-    whole = subjects.numel() == S and bool((subjects == torch.arange(S, device=mask.device)).all())
+    n = subjects.numel()
+    if not (n == S and bool((subjects == torch.arange(S, device=mask.device)).all())):
+        data, mask = tuple(d[subjects] for d in data), mask[subjects]  # a chunk's data, gathered once
 
     def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         subj = subjects[idx]
-        if whole and idx.numel() == S:  # all subjects in order: no copy of the data
+        if idx.numel() == n:  # all problems in order: no copy of the data
             return model.nll(x, data, mask) + prior.neg_log_prior(x, subj)
-        return model.nll(x, tuple(d[subj] for d in data), mask[subj]) + prior.neg_log_prior(x, subj)
+        return model.nll(x, tuple(d[idx] for d in data), mask[idx]) + prior.neg_log_prior(x, subj)
 
     return fun
 
@@ -229,8 +233,9 @@ class ImportanceEStep:
         post = self.laplace.run(idx, prior)
         fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx)
         n = self.nsamples if nsamples is None else nsamples
-        isr = importance_draws(fun, post.x, post.inv_h, n, self.seed + (n != self.nsamples), self.proposal_df,
-                               self.min_ess, self.chunk)
+        # a chunk's draws are seeded by its first subject, so that chunks do not share draws
+        seed = self.seed + (n != self.nsamples) + 7919 * int(idx[0])
+        isr = importance_draws(fun, post.x, post.inv_h, n, seed, self.proposal_df, self.min_ess, self.chunk)
         post.m, post.V, post.log_evidence, post.importance = isr.mean, isr.cov, isr.log_evidence, isr
         return post
 
@@ -248,3 +253,52 @@ def importance_draws(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsampl
         for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
             getattr(res, name)[low] = getattr(more, name)
     return res
+
+
+def run_in_chunks(run: Callable[[torch.Tensor], PosteriorMoments], idx: torch.Tensor,
+                  chunk_size: int | None) -> PosteriorMoments:
+    """``run(idx)`` over consecutive chunks of ``chunk_size`` subjects, joined in subject order.
+
+    Every subject's moments depend only on that subject, so the joined
+    result is the one of a single call (bit for bit on the CPU, as long as no
+    subject needs a restart: see the README).
+    """
+    n = idx.numel()
+    if chunk_size is None or chunk_size >= n:
+        return run(idx)
+    parts = [run(idx[lo:lo + chunk_size]) for lo in range(0, n, chunk_size)]
+    joined = {f.name: torch.cat([getattr(p, f.name) for p in parts])
+              for f in fields(PosteriorMoments) if f.name != "importance"}
+    imp = None
+    if parts[0].importance is not None:
+        imp = ImportanceResult(**{f.name: torch.cat([getattr(p.importance, f.name) for p in parts])
+                                  for f in fields(ImportanceResult)})
+    return PosteriorMoments(**joined, importance=imp)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: free GPU memory, or the CPU's available RAM (``/proc/meminfo``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def auto_chunk_size(batch: SubjectBatch, n_params: int, dtype: torch.dtype, fraction: float = 0.25) -> int:
+    """Subjects per E-step chunk that fit in ``fraction`` of the device's free memory.
+
+    A subject's E-step holds its data and, during the exact Hessian, about
+    ``4 (P + 1)`` working copies of each trial cell (forward values and the
+    forward-over-reverse tangents of ``torch.func``), plus ``O(P^2)`` per
+    subject; the estimate is deliberately generous.
+    """
+    cells = max(1, int(batch.mask[0].numel()))
+    item = torch.finfo(dtype).bits // 8
+    per_subject = item * (cells * (len(batch.data) + 1 + 4 * (n_params + 1) * 8) + 64 * n_params * n_params)
+    return max(1, min(batch.n_subjects, int(fraction * free_memory(batch.device)) // per_subject))

@@ -62,6 +62,9 @@ class FitOptions:
     estep_maxit: int = _opt(200, "L-BFGS iterations per subject and E-step")
     gtol: float = _opt(1e-5, "E-step gradient tolerance (largest absolute gradient entry, as scipy's BFGS); at least "
                                  "sqrt(machine epsilon), 3.5e-4 in float32")
+    chunk_size: Any = _opt(None, "subjects per E-step chunk (MAP search, Hessians, evidence), so that peak memory "
+                                 "is bounded by the chunk: None (all at once), an integer, or 'auto' (a size "
+                                 "from the device's free memory)")
     hessian_chunk: int = _opt(20000, "subjects per exact-Hessian evaluation (bounds memory)")
     laplace_cap: float = _opt(4.0, "largest ratio of a subject's Laplace posterior variance to the group's "
                                    "along any direction (math.inf: no cap); capped subjects are flagged")
@@ -101,6 +104,9 @@ class FitOptions:
         _positive_int("mstep_maxit", self.mstep_maxit)
         _positive_int("estep_maxit", self.estep_maxit)
         _positive_int("hessian_chunk", self.hessian_chunk)
+        if self.chunk_size not in (None, "auto"):
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+                raise ValueError(f"chunk_size must be None, 'auto' or an integer >= 1, got {self.chunk_size!r}")
         _positive_int("nsamples", self.nsamples)
         _positive_int("group_window", self.group_window)
         if self.final_nsamples is not None:
@@ -173,6 +179,8 @@ def _cli_type(f) -> Any:
         try:
             if text.lower() == "none":
                 value = None
+            elif f.name == "chunk_size":
+                value = text if text == "auto" else int(text)
             elif isinstance(default, int) or f.name in ("final_nsamples", "seed"):
                 value = int(text)
             elif isinstance(default, float):
