@@ -153,3 +153,60 @@ class TestChunks:
         for bad in (0, -2, 2.5, "big", True):
             with pytest.raises(ValueError, match="chunk_size"):
                 model.fit(verbose=0, chunk_size=bad)
+
+
+_FIT_SCRIPT = """
+import pickle, sys, torch
+torch.set_num_threads(1)
+from torchem import EMModel
+from torchem.models.rl import rw1a1b_fit
+data = pickle.load(open(sys.argv[1], "rb"))
+def report(state):
+    print(state.iteration, flush=True)
+EMModel(data, rw1a1b_fit, device="cpu").fit(verbose=0, callback=report, checkpoint=sys.argv[2], checkpoint_every=3,
+                                             mstep_maxit=30, seed=4)
+"""
+
+
+class TestCheckpoint:
+    def test_killed_fit_resumes_to_the_same_end(self, bandit, tmp_path):
+        import signal
+        import subprocess
+        import sys
+
+        (tmp_path / "data.pkl").write_bytes(pickle.dumps(bandit))
+        (tmp_path / "fit.py").write_text(_FIT_SCRIPT)
+        ckpt = tmp_path / "run.pt"
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "fit.py"), str(tmp_path / "data.pkl"), str(ckpt)],
+                                stdout=subprocess.PIPE, text=True, env={**__import__("os").environ,
+                                                                        "OMP_NUM_THREADS": "1"})
+        for line in proc.stdout:
+            if int(line) >= 8 and ckpt.exists():
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+        saved = torch.load(ckpt, weights_only=True)
+        done = len(__import__("json").loads(saved["meta"])["rows"])
+        model = EMModel(bandit, rw1a1b_fit, device="cpu")
+        whole = model.fit(verbose=0, mstep_maxit=30, seed=4)
+        assert 3 <= done < whole.n_iter
+        resumed = model.fit(verbose=0, mstep_maxit=30, seed=4, resume=str(ckpt))
+        _same(whole, resumed)
+        assert resumed.convergence == whole.convergence and resumed.stop_reason == whole.stop_reason
+        # in-process, with checkpoints every step: the same end again
+        again = model.fit(verbose=0, mstep_maxit=30, seed=4, checkpoint=str(tmp_path / "b.pt"), checkpoint_every=1)
+        _same(whole, again)
+
+    def test_other_data_or_options_refused(self, bandit, tmp_path):
+        model = EMModel(bandit, rw1a1b_fit, device="cpu")
+        model.fit(verbose=0, mstep_maxit=6, checkpoint=str(tmp_path / "c.pt"), checkpoint_every=2)
+        model.save(tmp_path / "result.pt")
+        with pytest.raises(ValueError, match=r"options differ \(seed\)"):
+            model.fit(verbose=0, mstep_maxit=6, seed=1, resume=str(tmp_path / "c.pt"))
+        other = EMModel(bandit[:-1], rw1a1b_fit, device="cpu")
+        with pytest.raises(ValueError, match="other data"):
+            other.fit(verbose=0, mstep_maxit=6, resume=str(tmp_path / "c.pt"))
+        with pytest.raises(ValueError, match="not a torchem checkpoint"):
+            model.fit(verbose=0, mstep_maxit=6, resume=str(tmp_path / "result.pt"))
+        assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files

@@ -40,13 +40,14 @@ from tqdm.auto import tqdm
 from .convergence import EMStep, GroupRule, group_change, make_rule
 from .data import SubjectBatch
 from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
+from .checkpoint import load_checkpoint, save_checkpoint
 from .groups import GroupFamily, make_group
 from .importance import ImportanceResult
 from .model import Model
 from .options import FitOptions
 from .priors import Prior
 
-__all__ = ["FitResult", "IterationState", "EMRun", "run_em"]
+__all__ = ["FitResult", "IterationState", "EMRun", "EMState", "run_em"]
 
 
 @dataclass
@@ -304,6 +305,21 @@ class FitResult:
                 f"non-PD Hessians {int((~self.hessian_ok).sum())}, warnings {len(self.warnings)})")
 
 
+@dataclass
+class EMState:
+    """What the EM loop carries from one cycle to the next (what a checkpoint saves besides the E-step's state).
+
+    ``a``: the group of the last kept E-step ``post_a``; ``b``: the M-step after it (the next E-step's
+    group); ``alpha_max``: SQUAREM's step bound; ``rule``: the stopping rule and its memory.
+    """
+
+    a: Prior
+    post_a: PosteriorMoments
+    b: Prior
+    alpha_max: float
+    rule: Any
+
+
 def _lme_sum(post: PosteriorMoments) -> float:
     return float(post.log_evidence.sum())
 
@@ -434,13 +450,23 @@ class EMRun:
         """EM with Laplace E-steps until the stopping rule is met (plain or SQUAREM-accelerated)."""
         rule = make_rule(self.opts)
         accelerate = self.opts.accelerate == "squarem"
-        a = self.prior
-        post_a = self.estep(a, "em")
-        b = self.mstep(post_a, a)
-        if not self.record(post_a, a, b, "em"):
-            return
-        alpha_max = 1.0
+        if self.opts.resume is not None:
+            state = load_checkpoint(self, self.opts.resume, rule)
+            a, post_a, b, alpha_max = state.a, state.post_a, state.b, state.alpha_max
+            if self.bar is not None:
+                self.bar.update(len(self.rows))
+        else:
+            a = self.prior
+            post_a = self.estep(a, "em")
+            b = self.mstep(post_a, a)
+            if not self.record(post_a, a, b, "em"):
+                return
+            alpha_max = 1.0
+        saved_at = len(self.rows)
         while self._budget_left():
+            if self.opts.checkpoint is not None and len(self.rows) - saved_at >= self.opts.checkpoint_every:
+                if self._checkpoint(EMState(a, post_a, b, alpha_max, rule)):
+                    saved_at = len(self.rows)
             post_b = self.estep(b, "em")
             c = self.mstep(post_b, b)
             text = ""
@@ -498,6 +524,14 @@ class EMRun:
                     return
         self.stop_reason = (f"mstep_maxit ({self.opts.mstep_maxit}) E-steps reached before the {rule.name} rule "
                             f"was met (last reading: {self.rows[-1]['rule'] or 'none'})")
+
+    def _checkpoint(self, state: "EMState") -> bool:
+        """Save ``state`` to the checkpoint file; ``False`` (nothing saved) while a group is not a family yet."""
+        _, group, prior = self.last
+        if not all(isinstance(g, GroupFamily) for g in (state.a, state.b, group, prior)):
+            return False
+        save_checkpoint(self, state, self.opts.checkpoint)
+        return True
 
     def _collapse_probe(self, a: GroupFamily, b: GroupFamily, c: GroupFamily, post_b: PosteriorMoments):
         """Try a shrinking group variance at its floor: EM creeps towards a variance of 0 sublinearly.

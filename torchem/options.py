@@ -10,6 +10,7 @@ its ``metadata["help"]``.  pyEM's names are accepted where pyEM has them
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -68,6 +69,11 @@ class FitOptions:
     hessian_chunk: int = _opt(20000, "subjects per exact-Hessian evaluation (bounds memory)")
     laplace_cap: float = _opt(4.0, "largest ratio of a subject's Laplace posterior variance to the group's "
                                    "along any direction (math.inf: no cap); capped subjects are flagged")
+    checkpoint: Any = _opt(None, "file the EM state is saved to every `checkpoint_every` E-steps (atomically: a "
+                                 "temporary file, then a rename), for `resume`")
+    checkpoint_every: int = _opt(10, "E-steps between checkpoints")
+    resume: Any = _opt(None, "checkpoint file to continue from; the fit ends where an uninterrupted one ends "
+                             "(same data and options required)")
     estep: str = _opt("laplace", "'laplace' (MAP and exact inverse Hessian) or 'importance' (importance-"
                                  "sampled posterior moments after Laplace EM converges)")
     nsamples: int = _opt(1000, "importance draws per subject and iteration")
@@ -104,6 +110,11 @@ class FitOptions:
         _positive_int("mstep_maxit", self.mstep_maxit)
         _positive_int("estep_maxit", self.estep_maxit)
         _positive_int("hessian_chunk", self.hessian_chunk)
+        _positive_int("checkpoint_every", self.checkpoint_every)
+        for name in ("checkpoint", "resume"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a file path or None, got {value!r}")
         if self.chunk_size not in (None, "auto"):
             if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
                 raise ValueError(f"chunk_size must be None, 'auto' or an integer >= 1, got {self.chunk_size!r}")
