@@ -210,3 +210,36 @@ class TestCheckpoint:
         with pytest.raises(ValueError, match="not a torchem checkpoint"):
             model.fit(verbose=0, mstep_maxit=6, resume=str(tmp_path / "result.pt"))
         assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
+
+
+class TestThreads:
+    def test_small_fit_runs_on_one_thread_unless_set(self, bandit, monkeypatch):
+        import torchem.em
+
+        model = EMModel(bandit[:8], rw1a1b_fit, device="cpu")
+        seen = []
+        before = torch.get_num_threads()
+        model.fit(verbose=0, mstep_maxit=2, num_threads=2, callback=lambda s: seen.append(torch.get_num_threads()))
+        assert seen == [2, 2] and torch.get_num_threads() == before
+        # not set by the user: one thread for a small batch; set: kept
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        try:
+            torch.set_num_threads(2)
+            monkeypatch.setattr(torchem.em, "_TORCH_THREADS", 2)
+            seen.clear()
+            model.fit(verbose=0, mstep_maxit=2, callback=lambda s: seen.append(torch.get_num_threads()))
+            assert seen == [1, 1] and torch.get_num_threads() == 2
+            monkeypatch.setattr(torchem.em, "SMALL_BATCH_CELLS", 10)
+            seen.clear()
+            model.fit(verbose=0, mstep_maxit=2, callback=lambda s: seen.append(torch.get_num_threads()))
+            assert seen == [2, 2]
+            monkeypatch.setattr(torchem.em, "SMALL_BATCH_CELLS", 10**6)
+            monkeypatch.setattr(torchem.em, "_TORCH_THREADS", 3)  # the user changed the count after import
+            seen.clear()
+            model.fit(verbose=0, mstep_maxit=2, callback=lambda s: seen.append(torch.get_num_threads()))
+            assert seen == [2, 2]
+        finally:
+            torch.set_num_threads(before)
+        with pytest.raises(ValueError, match="num_threads"):
+            model.fit(verbose=0, num_threads=0)

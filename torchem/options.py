@@ -74,6 +74,9 @@ class FitOptions:
     checkpoint_every: int = _opt(10, "E-steps between checkpoints")
     resume: Any = _opt(None, "checkpoint file to continue from; the fit ends where an uninterrupted one ends "
                              "(same data and options required)")
+    num_threads: Any = _opt(None, "torch intra-op threads during a CPU fit: None (one thread when an E-step chunk "
+                                  "holds fewer than 10^6 trial cells, unless torch.set_num_threads or "
+                                  "OMP_NUM_THREADS set a count; else torch's setting) or an integer")
     estep: str = _opt("laplace", "'laplace' (MAP and exact inverse Hessian) or 'importance' (importance-"
                                  "sampled posterior moments after Laplace EM converges)")
     nsamples: int = _opt(1000, "importance draws per subject and iteration")
@@ -111,6 +114,8 @@ class FitOptions:
         _positive_int("estep_maxit", self.estep_maxit)
         _positive_int("hessian_chunk", self.hessian_chunk)
         _positive_int("checkpoint_every", self.checkpoint_every)
+        if self.num_threads is not None:
+            _positive_int("num_threads", self.num_threads)
         for name in ("checkpoint", "resume"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -192,7 +197,7 @@ def _cli_type(f) -> Any:
                 value = None
             elif f.name == "chunk_size":
                 value = text if text == "auto" else int(text)
-            elif isinstance(default, int) or f.name in ("final_nsamples", "seed"):
+            elif isinstance(default, int) or f.name in ("final_nsamples", "seed", "num_threads"):
                 value = int(text)
             elif isinstance(default, float):
                 value = float(text)
