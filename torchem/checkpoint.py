@@ -29,8 +29,8 @@ __all__ = ["save_checkpoint", "load_checkpoint", "data_hash"]
 
 FORMAT = "torchem.checkpoint"
 VERSION = 1
-#: Options that may differ between the interrupted and the resumed fit.
-_FREE = ("checkpoint", "checkpoint_every", "resume")
+#: Options that may differ between the interrupted and the resumed fit (where and how, not what, is computed).
+_FREE = ("checkpoint", "checkpoint_every", "resume", "chunk_size", "num_threads")
 
 
 def data_hash(batch) -> str:
