@@ -245,3 +245,17 @@ class TestThreads:
             torch.set_num_threads(before)
         with pytest.raises(ValueError, match="num_threads"):
             model.fit(verbose=0, num_threads=0)
+
+
+def test_dataframe_subject_ids_survive(tmp_path):
+    """Subject ids read from a table (numpy integers, text) come back equal."""
+    _, _, data = simulate_bandit(6, nblocks=1, ntrials=20, seed=2)
+    rows = [{"subject": 100 + i, "choices": c, "rewards": r}
+            for i, (ch, rw) in enumerate(data) for c, r in zip(np.ravel(ch), np.ravel(rw))]
+    df = pd.DataFrame(rows)
+    model = EMModel(df, rw1a1b_fit, device="cpu", columns=["choices", "rewards"], trial=False)
+    model.fit(verbose=0, mstep_maxit=2)
+    model.save(tmp_path / "df.pt")
+    again = EMModel(df, rw1a1b_fit, device="cpu", columns=["choices", "rewards"], trial=False).load(tmp_path / "df.pt")
+    assert list(again.result.subject_ids) == list(model.result.subject_ids) == list(range(100, 106))
+    pd.testing.assert_frame_equal(again.result.params_df(), model.result.params_df())

@@ -13,6 +13,7 @@ import os
 from dataclasses import fields
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -57,10 +58,11 @@ def save_result(result, path: str | os.PathLike) -> None:
     if result.group is not None and not isinstance(result.group, GroupFamily):
         raise ValueError(f"only results with a group family or without a prior can be saved; this one has a "
                          f"{type(result.group).__name__} prior")
+    ids = [s.item() if isinstance(s, np.generic) else s for s in result.subject_ids]
     meta = {
         "param_names": list(result.param_names),
-        "subject_ids": [s if isinstance(s, (str, int, float)) else str(s) for s in result.subject_ids],
-        "subject_id_types": [type(s).__name__ for s in result.subject_ids],
+        "subject_ids": [s if isinstance(s, (str, int, float)) else str(s) for s in ids],
+        "subject_id_types": [type(s).__name__ for s in ids],
         "param_xform": [_XFORM_NAMES.get(fn, "custom") for fn in result.param_xform],
         "convergence": bool(result.convergence), "n_iter": int(result.n_iter), "stop_reason": result.stop_reason,
         "warnings": list(result.warnings), "estep": result.estep, "stopped": bool(result.stopped),
