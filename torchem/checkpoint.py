@@ -50,8 +50,10 @@ def _fingerprint(run: "EMRun") -> dict:
         v = getattr(run.opts, f.name)
         if f.name not in opts and f.name not in _FREE and v is not None:
             opts[f.name] = repr(v)
+    if getattr(run, "_data_hash", None) is None:  # hashed once per fit
+        run._data_hash = data_hash(run.batch)
     return {"options": opts, "params": list(run.model.param_names), "dtype": str(run.dtype),
-            "data": data_hash(run.batch)}
+            "data": run._data_hash}
 
 
 def _post_tensors(post: PosteriorMoments) -> dict:
