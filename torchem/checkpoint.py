@@ -68,7 +68,7 @@ def save_checkpoint(run: "EMRun", state: "EMState", path: str | os.PathLike) -> 
         "format": FORMAT, "version": VERSION,
         "meta": json.dumps({**_fingerprint(run), "rows": run.rows, "warnings": run.warnings,
                             "rule": asdict(state.rule), "alpha_max": state.alpha_max,
-                            "probed": {str(k): v for k, v in run._probed.items()}, "mstep_ok": run._mstep_ok,
+                            "probed": {str(k): v for k, v in run._probed.items()}, "mstep_ok": run._mstep_ok, "restart_seed": run.laplace.restart_seed,
                             "converged": run.converged}),
         "groups": {"a": _cpu_state(state.a.state_dict()), "b": _cpu_state(state.b.state_dict()),
                    "last_group": _cpu_state(group.state_dict()), "last_prior": _cpu_state(prior.state_dict())},
@@ -130,6 +130,7 @@ def load_checkpoint(run: "EMRun", path: str | os.PathLike, rule: Any) -> "EMStat
     lap.x, lap.has_lik = e["x"].to(dev), e["has_lik"].to(dev)
     lap.lik = (e["nll"].to(dev), e["grad"].to(dev), e["hess"].to(dev))
     run.generator.set_state(payload["generator"])
+    lap.restart_seed = meta["restart_seed"]
     run.rows, run.warnings = meta["rows"], meta["warnings"]
     run._probed = {int(k): v for k, v in meta["probed"].items()}
     run._mstep_ok, run.converged = meta["mstep_ok"], meta["converged"]

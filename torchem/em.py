@@ -377,6 +377,7 @@ class EMRun:
     def estep(self, prior: Prior, step: str, nsamples: int | None = None,
               importance: ImportanceEStep | None = None) -> PosteriorMoments:
         """E-step of every subject under ``prior`` (counted towards ``mstep_maxit``)."""
+        self.laplace.step = len(self.rows)  # seeds the restarts' draws of this E-step
         if importance is not None:
             return run_in_chunks(lambda idx: importance.run(idx, prior, nsamples), self.all_idx, self.chunk_size)
         return run_in_chunks(lambda idx: self.laplace.run(idx, prior), self.all_idx, self.chunk_size)
@@ -619,7 +620,7 @@ class EMRun:
             return current
         chunk = self.batch.n_subjects if self.chunk_size is None else min(self.chunk_size, self.batch.n_subjects)
         cells = chunk * int(self.batch.mask[0].numel())
-        # measured on 2 shared cores: a 100- or 1,000-subject fit (96 trials) ran 6-14x faster on one thread than on
+        # measured on 2 shared cores: a 100- or 1,000-subject fit (96 trials) ran 3-14x faster on one thread than on
         # two while other processes used the cores (benchmarks/bench_threads.py)
         return 1 if cells < SMALL_BATCH_CELLS else current
 

@@ -31,7 +31,7 @@ from .optim import minimize
 from .priors import Prior
 
 __all__ = ["SubjectStatus", "PosteriorMoments", "LaplaceEStep", "ImportanceEStep", "neg_log_posterior",
-           "run_in_chunks", "auto_chunk_size", "free_memory"]
+           "run_in_chunks", "auto_chunk_size", "free_memory", "restart_draws"]
 
 
 class SubjectStatus(enum.IntEnum):
@@ -111,9 +111,23 @@ def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
     return fun
 
 
-def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, prior: Prior, generator: torch.Generator,
+def restart_draws(prior: Prior, subjects: torch.Tensor, seed: int, step: int, round: int) -> torch.Tensor:
+    """``(n, P)`` restart points drawn from ``prior``, one per subject, each from its own generator.
+
+    The generator of subject ``s`` is seeded by ``(seed, step, s, round)``, so a subject's draws do not
+    depend on which other subjects failed or on how the subjects are chunked.
+    """
+    starts = []
+    for s in subjects.tolist():
+        gen = torch.Generator()
+        gen.manual_seed(hash((seed, step, s, round)) & (2**63 - 1))
+        starts.append(prior.sample(1, gen))
+    return torch.cat(starts)
+
+
+def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, draw: Callable[[torch.Tensor, int], torch.Tensor],
                 max_restarts: int, optim_kwargs: dict):
-    """Batched MAP search; failed subjects restart from prior draws, keeping the best point.
+    """Batched MAP search; failed subjects restart from ``draw(problems, round)``, keeping the best point.
 
     Returns ``x``, ``f``, ``g`` and the ``int8`` status, problems first.
     """
@@ -123,11 +137,11 @@ def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, prior: Prior, gener
                          torch.where(res.stalled, SubjectStatus.STALLED, SubjectStatus.FAILED)).to(torch.int8)
     # a subject stalled on a kink sits at a local minimum already: a restart ends on the same kink
     retry = status == SubjectStatus.FAILED
-    for _ in range(max_restarts):
+    for round in range(max_restarts):
         failed = retry.nonzero().squeeze(1)
         if failed.numel() == 0:
             break
-        starts = prior.sample(failed.numel(), generator)
+        starts = draw(failed, round)
         sub = minimize(lambda z, i: fun(z, failed[i]), starts, **optim_kwargs)
         f_old = torch.where(torch.isfinite(f[failed]), f[failed], torch.full_like(sub.fun, math.inf))
         better = sub.success | (sub.fun < f_old)
@@ -150,7 +164,8 @@ class LaplaceEStep:
     max_restarts, estep_maxit, gtol, hessian_chunk, laplace_cap
         See :class:`torchem.options.FitOptions`.
     generator : torch.Generator
-        CPU generator of the restarts' draws.
+        CPU generator of the base seed of the restarts' draws (see :func:`restart_draws`; ``step``, the
+        E-step number, is set by the caller).
 
     The likelihood's value, gradient and Hessian at a subject's last MAP do
     not depend on the prior, so the next call starts that subject with an
@@ -160,7 +175,8 @@ class LaplaceEStep:
     def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
                  max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
                  laplace_cap: float = 4.0) -> None:
-        self.model, self.batch, self.generator = model, batch, generator
+        self.model, self.batch = model, batch
+        self.restart_seed, self.step = int(torch.randint(0, 2**62, (1,), generator=generator)), 0
         self.x = x0.clone()
         S, P = x0.shape
         self.lik = None  # (nll (S,), grad (S, P), hess (S, P, P)) of the likelihood at self.x
@@ -182,8 +198,11 @@ class LaplaceEStep:
     def run(self, idx: torch.Tensor, prior: Prior) -> PosteriorMoments:
         """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``."""
         fun = neg_log_posterior(self.model, self.batch, prior, idx)
-        x, npl, grad, status = _map_search(fun, self.x[idx], self._warm(idx, prior), prior, self.generator,
-                                           self.max_restarts, self.optim_kwargs)
+        def draw(problems: torch.Tensor, round: int) -> torch.Tensor:
+            return restart_draws(prior, idx[problems], self.restart_seed, self.step, round)
+
+        x, npl, grad, status = _map_search(fun, self.x[idx], self._warm(idx, prior), draw, self.max_restarts,
+                                           self.optim_kwargs)
         usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
         if not bool(usable.all()):
             first = int(idx[(~usable).nonzero()[0]])
@@ -259,9 +278,9 @@ def run_in_chunks(run: Callable[[torch.Tensor], PosteriorMoments], idx: torch.Te
                   chunk_size: int | None) -> PosteriorMoments:
     """``run(idx)`` over consecutive chunks of ``chunk_size`` subjects, joined in subject order.
 
-    Every subject's moments depend only on that subject, so the joined
-    result is the one of a single call (bit for bit on the CPU, as long as no
-    subject needs a restart: see the README).
+    Every subject's moments depend only on that subject (restarts included:
+    :func:`restart_draws`), so the joined result is the one of a single call,
+    bit for bit in float64 on the CPU.
     """
     n = idx.numel()
     if chunk_size is None or chunk_size >= n:
