@@ -18,7 +18,9 @@ two-step log beta1 ~ N(log 5, 0.5), log beta2 ~ N(log 4, 0.5), rep ~ N(0.2,
 0.3), close to Daw et al. (2011); regression weights N(0, 1) with noise SD
 about 1; discounting rates centred where the default payout ladders put the
 switch points (e.g. hyperbolic k around 0.05 per unit of social distance or
-delay).
+delay); drift-diffusion models around pyEM's simulated set (medians v_coef
+1.5, a 1.8, t0 0.3 s, z 0.5, sv 0.8, st 0.15 s, sz 0.25), 100 subjects each
+(``NSUBJECTS``).
 
 Every fit runs EM to convergence (``--maxit`` caps it; the table marks a
 fit that hit the cap).
@@ -60,9 +62,20 @@ DESIGNS = {
     "ed_par_k": ({}, "7 effort levels x 9 payouts"),
     "ped_par_k": ({}, "14 blocks (7 efforts x self/other) x 9 payouts"),
     "ped_par_2k": ({}, "14 blocks (7 efforts x self/other) x 9 payouts"),
+    "ddm4": ({"ntrials": 150}, "150 trials, high vs low value (pyEM's design)"),
+    "ddm4_lotto": ({"ntrials": 150}, "150 trials, risky vs safe (pyEM's design)"),
+    "ddm7": ({"ntrials": 500}, "500 trials, high vs low value"),
+    "ddm7_lotto": ({"ntrials": 500}, "500 trials, risky vs safe"),
+    "rlddm": ({"nblocks": 4, "ntrials": 30}, "4 blocks x 30 trials, reward p 0.8 / 0.2 (better option alternates)"),
 }
+#: Subjects per model where not ``--subjects`` (the drift-diffusion studies of the issue that added them).
+NSUBJECTS = {"ddm4": 100, "ddm4_lotto": 100, "ddm7": 100, "ddm7_lotto": 100, "rlddm": 100}
 
 _K = {"k": (float(np.log(0.05 / 19.95)), 1.0)}  # norm2beta: k around 0.05 (0.02-0.14)
+# drift-diffusion: medians v_coef 1.5, a 1.8, t0 0.3 s, z 0.5, sv 0.8, st 0.15 s, sz 0.25 (pyEM's simulated set:
+# v_coef 1.76 +- 0.49, a 1.79 +- 0.43, t0 0.28 +- 0.08, z 0.51 +- 0.08)
+_DDM = {"v_coef": (1.5, 0.5), "a": (-0.2, 0.4), "t0": (2.6, 0.4), "z": (0.0, 0.3), "sv": (-0.75, 0.5),
+        "st": (-0.5, 0.5), "sz": (-0.95, 0.5)}
 #: Normalized group mean and SD of the generating parameters, where not N(0, 1).
 GROUPS = {
     **{n: {"beta1": (np.log(5.0), 0.5), "beta2": (np.log(4.0), 0.5), "rep": (0.2, 0.3)} for n in TWOSTEP},
@@ -83,6 +96,8 @@ GROUPS = {
     "ed_par_k": {"k": (float(np.log(2.0 / 18.0)), 0.8)},  # k E^2, E 1-7
     "ped_par_k": {"k": (float(np.log(2.0 / 18.0)), 0.8)},
     "ped_par_2k": {"k_self": (float(np.log(2.0 / 18.0)), 0.8), "k_other": (float(np.log(3.0 / 17.0)), 0.8)},
+    **{n: _DDM for n in ("ddm4", "ddm4_lotto", "ddm7", "ddm7_lotto")},
+    "rlddm": {**_DDM, "v_coef": (4.0, 1.0), "alpha": (-0.5, 0.8)},
 }
 
 
@@ -115,6 +130,7 @@ def template(name: str) -> list:
 
 def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
     fit = MODELS[name]
+    nsubjects = NSUBJECTS.get(name, nsubjects)
     rng = np.random.default_rng(seed)
     true = draw_params(name, nsubjects, rng)
     design, text = DESIGNS[name]
@@ -124,7 +140,7 @@ def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
     rec = model.recover(true, seed=seed + 1, fit_kwargs=fit_kwargs, **design)
     seconds = time.perf_counter() - t0
     res = rec["fit_result"]
-    return {"model": name, "design": text, "r": dict(zip(rec["param_names"], rec["correlation"])),
+    return {"model": name, "design": text, "nsubjects": nsubjects, "r": dict(zip(rec["param_names"], rec["correlation"])),
             "seconds": seconds, "iterations": res.n_iter, "converged": bool(res.convergence)}
 
 
@@ -134,7 +150,8 @@ def markdown(rows: list[dict], nsubjects: int) -> str:
     for r in rows:
         rs = ", ".join(f"{k} {v:.2f}" for k, v in r["r"].items())
         it = f"{r['iterations']}" + ("" if r["converged"] else " (cap)")
-        lines.append(f"| `{r['model']}` | {r['design']} | {rs} | {it} | {r['seconds']:.0f} |")
+        design = r["design"] if r["nsubjects"] == nsubjects else f"{r['nsubjects']} subjects, {r['design']}"
+        lines.append(f"| `{r['model']}` | {design} | {rs} | {it} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 EXPECTED = ["01_quickstart", "02_custom_model", "03_model_comparison", "04_real_data", "05_widgets", "06_gpu_scale",
-            "07_choice_models"]
+            "07_choice_models", "08_ddm"]
 
 
 def test_every_tutorial_is_there_stripped_and_opens_with_the_install_cell():

@@ -408,7 +408,7 @@ class EMRun:
         lik = self.laplace.lik
         if lik is None or not isinstance(group, GroupFamily):
             return group
-        flat = (group.var <= 1e-6).nonzero().squeeze(1)
+        flat = (group.spread.diagonal() <= 1e-6).nonzero().squeeze(1)
         if flat.numel() == 0:
             return group
         g = lik[1][:, flat].sum(0)
@@ -555,7 +555,7 @@ class EMRun:
         """
         if self.dtype != torch.float64:  # a variance of 1e-8 is below what float32 E-steps can resolve
             return None
-        va, vb, vc = a.var, b.var, c.var
+        va, vb, vc = (g.spread.diagonal() for g in (a, b, c))
         cand = ((vc < vb) & (vb < va) & (vc < 0.05) & (vc > 1e-6)).nonzero().squeeze(1).tolist()
         n = len(self.rows)
         cand = [j for j in cand if n - self._probed.get(j, -10**9) >= 20]

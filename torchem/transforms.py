@@ -161,11 +161,16 @@ INVERSES: dict[Callable, Callable] = {
 def inverse_of(transform: Callable) -> Callable:
     """Return the natural -> normalized inverse of a built-in transform.
 
+    A transform defined elsewhere (e.g. the drift-diffusion models' scaled
+    logistics) can carry its inverse as an ``inverse`` attribute.
+
     Raises
     ------
     ValueError
-        If ``transform`` is not one of the built-in forward transforms.
+        If ``transform`` is not one of the built-in forward transforms and has no ``inverse``.
     """
+    if callable(getattr(transform, "inverse", None)):
+        return transform.inverse
     try:
         return INVERSES[transform]
     except (KeyError, TypeError):

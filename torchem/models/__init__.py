@@ -21,9 +21,9 @@ import sys
 from typing import Callable
 
 from ..model import ModelSpec
-from . import bayes, discounting, glm, pt, rl, sdt, twostep
+from . import bayes, ddm, discounting, glm, pt, rl, sdt, twostep
 
-__all__ = ["rl", "twostep", "bayes", "glm", "sdt", "pt", "discounting", "MODELS", "get_model"]
+__all__ = ["rl", "twostep", "bayes", "glm", "sdt", "pt", "discounting", "ddm", "MODELS", "get_model"]
 
 #: Library models by name.
 MODELS: dict[str, Callable] = {
@@ -51,6 +51,11 @@ MODELS: dict[str, Callable] = {
     "ed_par_k": discounting.ed_par_k_fit,
     "ped_par_k": discounting.ped_par_k_fit,
     "ped_par_2k": discounting.ped_par_2k_fit,
+    "ddm4": ddm.ddm4_fit,
+    "ddm4_lotto": ddm.ddm4_lotto_fit,
+    "ddm7": ddm.ddm7_fit,
+    "ddm7_lotto": ddm.ddm7_lotto_fit,
+    "rlddm": ddm.rlddm_fit,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..priors import Prior
 from ..transforms import alpha2norm, beta2norm, corr2norm, exp2norm, identity, norm2alpha, norm2beta, norm2corr, \
     norm2exp
 
@@ -47,7 +48,7 @@ def softmax(evs: Any, beta: Any) -> Any:
 
 def _log_prior(prior: Any, params: Any) -> Any:
     """``log p(params)`` of one parameter vector under a pyEM prior (``logpdf``) or a torchem prior."""
-    if hasattr(prior, "logpdf"):
+    if not isinstance(prior, Prior):  # a pyEM prior object
         return prior.logpdf(params)
     x = torch.as_tensor(params)
     x = x.to(prior.mean.dtype) if not x.is_floating_point() else x

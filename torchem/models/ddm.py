@@ -1,0 +1,1178 @@
+r"""Drift-diffusion models (DDM) of choices and response times.
+
+A Wiener process with drift :math:`v` and unit noise starts at :math:`z a`
+between an absorbing *lower* boundary at 0 and an *upper* boundary at
+:math:`a`; the boundary it reaches first is the choice (1 = upper, 0 = lower)
+and the response time is the first-passage time plus a non-decision time
+:math:`t_0`.
+
+Likelihood
+----------
+The lower-boundary density at decision time :math:`t` is (Navarro & Fuss, 2009)
+
+.. math::
+
+    p(t \mid v, a, w) = \frac{1}{a^2}\, e^{-v a w - v^2 t / 2}\, f(t / a^2 \mid w),
+
+with :math:`f(u \mid w)` the density of the standardized, driftless
+process, evaluated from one of two infinite series:
+
+- small times, :math:`u < u^* = 1/4`:
+  :math:`f = (2\pi u^3)^{-1/2} \sum_k (w + 2k)\, e^{-(w + 2k)^2 / 2u}`;
+- large times, :math:`u \ge u^*`:
+  :math:`f = \pi \sum_{k \ge 1} k\, e^{-k^2 \pi^2 u / 2} \sin(k \pi w)`.
+
+Both are evaluated in log space in forms without cancellation, which keeps
+them exact in relative terms for a start point next to either boundary
+(:math:`w \to 0` or :math:`w \to 1`) and for very small or large times.
+The small-time series is summed as pairs of terms around a common centre
+(with the start's distance :math:`y = \min(w, 1 - w)` to the nearer
+boundary, each pair is :math:`g(c - y) - g(c + y)`, :math:`g(r) = r e^{-r^2/2u}`,
+computed with ``expm1``); the large-time series is the leading term times
+:math:`1 + \sum_{k \ge 2} k e^{-(k^2 - 1)\pi^2 u / 2} U_{k-1}(\cos \pi w)`
+(:math:`U` Chebyshev polynomials of the second kind, so
+:math:`\sin(k\pi w)/\sin(\pi w)` needs no division).  The number of terms
+of each series is fixed for a stated relative error bound of the density
+over its whole range (:func:`series_terms`; 2 pairs and 5 terms for the
+default ``err = 1e-12``), so every trial costs the same few tensor
+operations, both series are computed for all trials and ``torch.where``
+picks one (each fed only the times of its own range, so the other cannot
+produce NaN gradients).  The density is twice differentiable by autograd
+and finite, with finite gradients and Hessians, for any time, drift,
+boundary and start point.
+
+Across-trial variability (Ratcliff & Tuerlinckx, 2002):
+
+- drift ``v_trial ~ Normal(v, sv)``, integrated analytically:
+  :math:`\log p = \log f(t/a^2 \mid w) - 2 \log a - \tfrac12 \log(1 + s_v^2 t)
+  + \frac{a^2 w^2 s_v^2 - 2 a v w - v^2 t}{2 (1 + s_v^2 t)}`;
+- non-decision time ``t0_trial ~ U(t0 - st/2, t0 + st/2)`` and relative start
+  ``z_trial ~ U(z - sz/2, z + sz/2)`` (full widths, as in pyEM and HDDM),
+  integrated by Gauss-Legendre quadrature of orders ``n_st`` and ``n_sz``,
+  all nodes of all trials as one batched evaluation.  The quadrature runs over
+  the part of each interval where the density is not zero: non-decision times
+  below the response time, start points inside ``(0, 1)``.  A start point
+  drawn beyond a boundary responds at once (decision time 0, which has no
+  density at any later time), so where ``z +- sz/2`` leaves ``(0, 1)`` that
+  share of the probability is missing from the density, which the fit avoids
+  (pyEM returns a 1e7 penalty there).
+
+The upper boundary is the lower one of the mirrored process (``v -> -v``,
+``z -> 1 - z``).
+
+Responses at or before the non-decision time
+--------------------------------------------
+A response time at or below :math:`t_0` has Wiener density zero.  pyEM
+returns a 1e7 penalty, which breaks gradient methods.  Here every trial's
+likelihood is a mixture with a small contaminant (lapse) component, as in
+HDDM's ``p_outlier``:
+
+.. math::
+
+    p(\text{rt}, c) = (1 - p_o)\, p_\text{DDM}(\text{rt}, c) + p_o \cdot \tfrac12
+    \cdot \frac{1}{\text{rt}_\max},
+
+a random choice at a time uniform on ``(0, rt_max)``, ``rt_max`` the
+subject's slowest response.  The likelihood is smooth in :math:`t_0` (the
+Wiener density vanishes with all its derivatives as the decision time goes
+to 0), never NaN or infinite, and a response faster than :math:`t_0` costs a
+finite, fixed amount, so one anticipatory response no longer dictates a
+subject's :math:`t_0`.  The default ``p_outlier`` is :data:`P_OUTLIER`
+(1%); :func:`ddm_options` sets another value, and ``p_outlier=0`` gives the
+plain Wiener likelihood (pyEM's values where every response is slower than
+:math:`t_0`).  ``output="all"`` reports each trial's posterior probability
+of being a contaminant (``p_contaminant``).
+
+Models
+------
+pyEM's names, parameters, transforms and data columns:
+
+=================  ====================================  ======================================
+model              parameters                            data (``columns=``)
+=================  ====================================  ======================================
+``ddm4``           v_coef, a, t0, z                      rt, choice (1 high), value_high, value_low
+``ddm4_lotto``     v_coef, a, t0, z                      rt, choice (1 risky), ev_risky, safe
+``ddm7``           v_coef, a, t0, z, sv, st, sz          as ``ddm4``
+``ddm7_lotto``     v_coef, a, t0, z, sv, st, sz          as ``ddm4_lotto``
+``rlddm``          v_coef, a, t0, z, alpha               rt, choice (0/1), reward; blocks
+=================  ====================================  ======================================
+
+Transforms (normalized -> natural): ``v_coef`` identity, ``a = 4 sigmoid(x)``
+(:func:`a_xform`), ``t0 = 0.5 sigmoid(x - 2.2)`` (:func:`t0_xform`, so
+``x = 0`` is 50 ms), ``z = sigmoid(x)``, ``sv = 2.5 sigmoid(x)``,
+``st = 0.4 sigmoid(x)``, ``sz = 0.9 sigmoid(x)`` (pyEM's caps),
+``alpha = sigmoid(x)``.  Times are in seconds.
+
+Simulation
+----------
+:func:`simulate_first_passage` draws exact first passages: the walk moves in
+Gaussian steps (exact for a constant drift), a crossing between two steps is
+detected with the Brownian-bridge crossing probability and its time is drawn
+from its exact conditional (inverse Gaussian) law, so neither the choice nor
+the time carries a discretization bias (an Euler scheme overshoots the
+boundary by about ``0.58 sqrt(dt)``, which biases ``sv`` and ``sz``).
+
+References
+----------
+Navarro, D. J., & Fuss, I. G. (2009). Fast and accurate calculations for
+first-passage times in Wiener diffusion models. *J. Math. Psychol.*, 53, 222-230.
+Gondan, M., Blurton, S. P., & Kesselmeier, M. (2014). Even faster and even more
+accurate first-passage time densities and distributions for the Wiener
+diffusion model. *J. Math. Psychol.*, 60, 20-22.
+Ratcliff, R., & Tuerlinckx, F. (2002). Estimating parameters of the diffusion
+model. *Psychon. Bull. Rev.*, 9, 438-481.
+Wiecki, T. V., Sofer, I., & Frank, M. J. (2013). HDDM: Hierarchical Bayesian
+estimation of the drift-diffusion model in Python. *Front. Neuroinform.*, 7, 14.
+Pedersen, M. L., Frank, M. J., & Biele, G. (2017). The drift diffusion model as
+the choice rule in reinforcement learning. *Psychon. Bull. Rev.*, 24, 1234-1251.
+Fontanesi, L., Gluth, S., Spektor, M. S., & Rieskamp, J. (2019). A reinforcement
+learning diffusion decision model for value-based decisions. *Psychon. Bull.
+Rev.*, 26, 1099-1121.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..model import check_categorical, model_spec, natural_params, reject_subject
+from ..transforms import alpha2norm, beta2norm, identity, norm2alpha, norm2beta
+from .common import as_blocks, default_mask, fill_padding, sum_trials
+from .recurrence import linear_scan
+
+__all__ = [
+    "wfpt_logpdf", "wfpt_marginal_logpdf", "ddm_trial_logpdf", "series_terms", "simulate_first_passage",
+    "a_xform", "t0_xform", "sv_xform", "st_xform", "sz_xform", "P_OUTLIER", "ddm_options", "rt_quantiles",
+    "ddm4_fit", "ddm4_simulate", "ddm4_lotto_fit", "ddm4_lotto_simulate", "ddm7_fit", "ddm7_simulate",
+    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate",
+]
+
+#: Default contaminant (lapse) probability of every trial.
+P_OUTLIER = 0.01
+#: Default Gauss-Legendre orders of the ``st`` and ``sz`` integrals of the seven-parameter models.
+N_ST, N_SZ = 7, 5
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms (pyEM's caps)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scaled_logistic(max_val: float, shift: float, name: str, what: str) -> Callable:
+    def forward(x):
+        return norm2beta(x - shift, max_val)
+
+    def inverse(y):
+        return beta2norm(y, max_val) + shift
+
+    forward.__name__ = forward.__qualname__ = name
+    forward.__doc__ = (f"Normalized -> {what} in (0, {max_val:g}): ``{max_val:g} * sigmoid(x"
+                       + (f" - {shift:g}" if shift else "") + ")``.  Inverse: ``.inverse``.")
+    forward.inverse = inverse
+    return forward
+
+
+a_xform = _scaled_logistic(4.0, 0.0, "a_xform", "boundary separation a")
+t0_xform = _scaled_logistic(0.5, 2.2, "t0_xform", "non-decision time t0 (s)")
+sv_xform = _scaled_logistic(2.5, 0.0, "sv_xform", "drift SD sv")
+st_xform = _scaled_logistic(0.4, 0.0, "st_xform", "non-decision-time range st (s)")
+sz_xform = _scaled_logistic(0.9, 0.0, "sz_xform", "start-point range sz")
+
+# ----------------------------------------------------------------------------------------------------
+# The Wiener first-passage density
+# ----------------------------------------------------------------------------------------------------
+_U_SWITCH = 0.25          # small-time series below, large-time series above (normalized time t / a^2)
+_T_MIN = 1e-6             # decision times (s) below this are taken to have density zero
+_SPREAD_MIN = 1e-6        # st, sz below this are integrated as points
+_NEG = -1e30              # log density standing for zero inside the likelihood (finite, so gradients stay 0)
+_PI2_2 = math.pi ** 2 / 2.0
+_LOG_PI = math.log(math.pi)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@functools.lru_cache(maxsize=None)
+def series_terms(err: float = 1e-12) -> tuple[int, int, int]:
+    """Numbers of terms of the two series for a relative error of the density below ``err``.
+
+    The bounds hold uniformly in the start point ``w`` and the normalized
+    time ``u = t / a^2`` of each series' range (switch at ``u* = 1/4``):
+
+    - large time (``u >= u*``): the terms after ``K`` add at most
+      ``T_K = sum_{k > K} k^2 exp(-(k^2 - 1) pi^2 u* / 2)`` relative to the
+      leading term (``|sin(k pi w)| <= k sin(pi w)``), and the sum of all terms
+      is at least ``1 - T_1`` times the leading one;
+    - small time (``u < u*``), pairs ``g(c - y) - g(c + y)`` around centres
+      ``c = 2, 4, ...`` (``w <= 1/2``, after the leading ``g(w)``) or
+      ``c = 1, 3, ...`` (``w > 1/2``): by the mean value theorem a pair is at most
+      ``2 y ((c - 1/2)^2 / u) exp(-(c - 1/2)^2 / 2u)``, which relative to the
+      leading term is at most ``2 ((c-1/2)^2/u*) exp(-((c-1/2)^2 - 1/4) / 2u*)``
+      for even ``c`` and ``12.9 ((c-1/2)^2/u*) exp(-((c-1/2)^2 - 1) / 2u*)``
+      for odd ``c`` (the leading pair is at least ``0.31 y (1 - y) exp(-(1-y)^2/2u)``
+      for ``u <= 1/4``).
+
+    Parameters
+    ----------
+    err : float
+        Relative error bound of the density (default ``1e-12``).
+
+    Returns
+    -------
+    tuple of int
+        ``(J_even, J_odd, K)``: pairs of the small-time series after its leading
+        term for ``w <= 1/2`` (centres 2, 4, ..) and for ``w > 1/2`` (centres 3, 5, ..,
+        after the leading pair at 1), and terms of the large-time series.
+    """
+    if not 0.0 < err < 1.0:
+        raise ValueError(f"err must be in (0, 1), got {err}")
+    u = _U_SWITCH
+
+    def large_tail(K):
+        return sum(k * k * math.exp(-(k * k - 1) * _PI2_2 * u) for k in range(K + 1, K + 40))
+
+    def even(c):
+        r2 = (c - 0.5) ** 2
+        return 2.0 * r2 / u * math.exp(-(r2 - 0.25) / (2 * u))
+
+    def odd(c):
+        r2 = (c - 0.5) ** 2
+        return 12.9 * r2 / u * math.exp(-(r2 - 1.0) / (2 * u))
+
+    K = next(K for K in range(1, 100) if large_tail(K) / (1.0 - large_tail(1)) < err)
+    lead_even = 1.0 - sum(even(2 * j) for j in range(1, 40))  # the w <= 1/2 series over its leading term
+    J_even = next(J for J in range(1, 100) if sum(even(2 * j) for j in range(J + 1, J + 40)) / lead_even < err)
+    J_odd = next(J for J in range(0, 100) if sum(odd(2 * j + 1) for j in range(J + 1, J + 40)) < err)
+    return J_even, J_odd, K
+
+
+# ``log f`` and its derivatives in (u, y) are computed by hand, without autograd: a value-only evaluation
+# for calls that need no gradient, value and first derivatives for a gradient, and the second derivatives
+# only when a Hessian asks for them (two small autograd Functions hand them over).  A likelihood keeps a few
+# tensors per quadrature node instead of every intermediate of the series, and its gradient and exact
+# Hessian (torch.func) cost a few products per node.
+def _log_pair(c, y, u, order: int):
+    """``log[g(c - y) - g(c + y)]``, ``g(r) = r exp(-r^2 / 2u)``, and its derivatives up to ``order``.
+
+    Returns ``(v,)``, ``(v, v_u, v_y)`` or ``(v, v_u, v_y, v_uu, v_uy, v_yy)``.
+    ``g(c - y) - g(c + y) = (c - y) exp(-(c - y)^2 / 2u) (1 - e^h)``,
+    ``h = log((c + y)/(c - y)) - 2 c y / u < 0``, with ``log(1 - e^h)`` by
+    ``-expm1``: exact for small ``y`` (needs ``c >= 1``, ``y <= 1/2``, ``u <= 1/4``).
+    """
+    d = c - y
+    iu = 1.0 / u
+    h = torch.log1p(2.0 * y / d) - 2.0 * c * y * iu
+    em = torch.expm1(h)  # in (-1, 0)
+    val = torch.log(d) - 0.5 * d * d * iu + torch.log(-em)
+    if order == 0:
+        return (val,)
+    iu2 = iu * iu
+    beta = (em + 1.0) / em  # d log(1 - e^h) / dh
+    h_u, h_y = 2.0 * c * y * iu2, 1.0 / (c + y) + 1.0 / d - 2.0 * c * iu
+    first = (val, 0.5 * d * d * iu2 + beta * h_u, -1.0 / d + d * iu + beta * h_y)
+    if order == 1:
+        return first
+    dbeta = -(em + 1.0) / (em * em)
+    h_uu, h_uy = -4.0 * c * y * iu2 * iu, 2.0 * c * iu2
+    h_yy = 1.0 / (d * d) - 1.0 / ((c + y) * (c + y))
+    return first + (-d * d * iu2 * iu + beta * h_uu + dbeta * h_u * h_u,
+                    -d * iu2 + beta * h_uy + dbeta * h_u * h_y,
+                    -1.0 / (d * d) - iu + beta * h_yy + dbeta * h_y * h_y)
+
+
+def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: bool, J: int, order: int):
+    """Small-time ``log f`` and its derivatives up to ``order``; ``y = min(w, 1 - w)``.
+
+    ``near_lower`` (``w <= 1/2``): ``g(y) (1 - sum_{c = 2, 4, ..} pair_c / g(y))``; else
+    ``pair_1 (1 + sum_{c = 3, 5, ..} pair_c / pair_1)``; ``J`` pairs in the sum.  Every
+    ratio is small (their sums stay below 0.33 and 0.009 for ``u <= 1/4``), so
+    ``log f = log lead + log1p(-+Q)`` has no cancellation.
+    """
+    iu = 1.0 / u
+    if near_lower:
+        lead = (torch.log(y) - 0.5 * y * y * iu, 0.5 * y * y * iu * iu, 1.0 / y - y * iu, -y * y * iu * iu * iu,
+                y * iu * iu, -1.0 / (y * y) - iu)[:(1, 3, 6)[order]]  # log g(y) and its derivatives
+    else:
+        lead = _log_pair(1.0, y, u, order)
+    sign = -1.0 if near_lower else 1.0
+    q = [0.0] * 6  # Q and its derivatives: u, y, uu, uy, yy
+    for j in range(1, J + 1):
+        pair = _log_pair(2.0 * j + (0.0 if near_lower else 1.0), y, u, order)
+        r = torch.exp(pair[0] - lead[0])
+        q[0] = q[0] + r
+        if order:
+            a_u, a_y = pair[1] - lead[1], pair[2] - lead[2]
+            q[1], q[2] = q[1] + r * a_u, q[2] + r * a_y
+        if order == 2:
+            q[3] = q[3] + r * (pair[3] - lead[3] + a_u * a_u)
+            q[4] = q[4] + r * (pair[4] - lead[4] + a_u * a_y)
+            q[5] = q[5] + r * (pair[5] - lead[5] + a_y * a_y)
+    den = 1.0 + sign * q[0]
+    out = (lead[0] + torch.log(den) - _HALF_LOG_2PI - 1.5 * torch.log(u),)
+    if order == 0:
+        return out
+    f_u, f_y = sign * q[1] / den, sign * q[2] / den
+    out = out + (lead[1] + f_u - 1.5 * iu, lead[2] + f_y)
+    if order == 1:
+        return out
+    return out + (lead[3] + sign * q[3] / den - f_u * f_u + 1.5 * iu * iu, lead[4] + sign * q[4] / den - f_u * f_y,
+                  lead[5] + sign * q[5] / den - f_y * f_y)
+
+
+def _log_f_large(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, K: int, order: int):
+    """Large-time ``log f`` and its derivatives up to ``order``: the leading term times ``1 + R``,
+    ``R = sum_{k=2..K} k e^{-(k^2 - 1) pi^2 u / 2} U_{k-1}(cos pi w)`` (``|R| <= 0.1`` for ``u >= 1/4``;
+    Chebyshev polynomials of the second kind, so ``sin(k pi w) / sin(pi w)`` needs no division).
+    """
+    cos, sin = torch.cos(math.pi * y), torch.sin(math.pi * y)
+    sgn = 2.0 * near_lower.to(u.dtype) - 1.0
+    x = sgn * cos  # cos(pi w)
+    # U_{k-1}(x) and its first two derivatives by the three-term recurrence
+    U, dU, ddU = torch.ones_like(x), torch.zeros_like(x), torch.zeros_like(x)
+    U1, dU1, ddU1 = 2.0 * x, torch.full_like(x, 2.0), torch.zeros_like(x)
+    R = R_u = R_uu = R_x = R_xx = R_ux = 0.0
+    for k in range(2, K + 1):
+        lam = (k * k - 1) * _PI2_2
+        qk = k * torch.exp(-lam * u)
+        R = R + qk * U1
+        if order:
+            R_u, R_x = R_u - lam * qk * U1, R_x + qk * dU1
+        if order == 2:
+            R_uu, R_xx, R_ux = R_uu + lam * lam * qk * U1, R_xx + qk * ddU1, R_ux - lam * qk * dU1
+        U, U1 = U1, 2.0 * x * U1 - U
+        if order:
+            dU, dU1 = dU1, 2.0 * U + 2.0 * x * dU1 - dU  # U is U_{k-1} now
+        if order == 2:
+            ddU, ddU1 = ddU1, 4.0 * dU + 2.0 * x * ddU1 - ddU
+    out = (_LOG_PI - _PI2_2 * u + torch.log(sin) + torch.log1p(R),)
+    if order == 0:
+        return out
+    den = 1.0 + R
+    x_y = -sgn * math.pi * sin
+    r_u, r_y = R_u / den, R_x * x_y / den
+    out = out + (r_u - _PI2_2, math.pi * cos / sin + r_y)
+    if order == 1:
+        return out
+    x_yy = -(math.pi ** 2) * x
+    return out + (R_uu / den - r_u * r_u, R_ux * x_y / den - r_u * r_y,
+                  -(math.pi ** 2) / (sin * sin) + (R_xx * x_y * x_y + R_x * x_yy) / den - r_y * r_y)
+
+
+def _log_f_where(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, terms: tuple[int, int, int],
+                 order: int):
+    """:func:`_log_f_parts` by running every series on every element (each fed only values of its own
+    range, so none produces NaN) and picking with ``torch.where``: no masked selections, no host syncs."""
+    J_even, J_odd, K = terms
+    small = u < _U_SWITCH
+    us = torch.where(small, u, torch.full_like(u, _U_SWITCH))
+    ul = torch.where(small, torch.full_like(u, _U_SWITCH), u)
+    parts = zip(_log_f_small(us, y, True, J_even, order), _log_f_small(us, y, False, J_odd, order),
+                _log_f_large(ul, y, near_lower, K, order))
+    return tuple(torch.where(small, torch.where(near_lower, a, b), c) for a, b, c in parts)
+
+
+def _log_f_parts(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, terms: tuple[int, int, int],
+                 order: int):
+    """``log f`` (and derivatives up to ``order``) from the series of each element's range and side.
+
+    On the CPU the large-time series runs on all elements (cheap: its
+    exponentials depend on time only, its sines on the start only) and the
+    small-time series only on the elements that need it, each by the form of
+    its side; on a GPU, where masked selections synchronize with the host, by
+    :func:`_log_f_where`.
+    """
+    if u.device.type != "cpu":
+        return _log_f_where(u, y, near_lower, terms, order)
+    J_even, J_odd, K = terms
+    shape = torch.broadcast_shapes(u.shape, y.shape, near_lower.shape)
+    small = u < _U_SWITCH
+    large = _log_f_large(torch.where(small, torch.full_like(u, _U_SWITCH), u), y, near_lower, K, order)
+    out = [x.expand(shape).contiguous() for x in large]
+    small, near = small.expand(shape).reshape(-1), near_lower.expand(shape).reshape(-1)
+    if not bool(small.any()):
+        return tuple(out)
+    uu, yy = u.expand(shape).reshape(-1), y.expand(shape).reshape(-1)
+    for side, J in ((True, J_even), (False, J_odd)):
+        idx = (small & (near if side else ~near)).nonzero().squeeze(1)
+        for o, part in zip(out, _log_f_small(uu[idx], yy[idx], side, J, order)):
+            o.view(-1)[idx] = part
+    return tuple(out)
+
+
+def _reduce(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``grad`` over the axes along which an input of ``shape`` was broadcast."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    return grad.sum(axes, keepdim=True).reshape(shape)
+
+
+class _LogFDerivatives(torch.autograd.Function):
+    """``(dl/du, dl/dy)`` as computed in the forward pass; its backward brings the second derivatives."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u, y, d_u, d_y, near_lower, terms):
+        return d_u.clone(), d_y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, y, _, _, near_lower, terms = inputs
+        ctx.save_for_backward(u, y, near_lower)
+        ctx.terms = terms
+
+    @staticmethod
+    def backward(ctx, g_u, g_y):
+        u, y, near_lower = ctx.saved_tensors
+        _, _, _, d_uu, d_uy, d_yy = _log_f_parts(u, y, near_lower, ctx.terms, order=2)
+        return (_reduce(g_u * d_uu + g_y * d_uy, u.shape), _reduce(g_u * d_uy + g_y * d_yy, y.shape),
+                None, None, None, None)
+
+
+class _LogF(torch.autograd.Function):
+    """``log f(u | y)`` with exact first and second derivatives (third ones are not available)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u, y, near_lower, terms):
+        return _log_f_parts(u, y, near_lower, terms, order=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, y, near_lower, terms = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(u, y, near_lower, *output[1:])
+        ctx.terms = terms
+
+    @staticmethod
+    def backward(ctx, g, *unused):
+        u, y, near_lower, d_u, d_y = ctx.saved_tensors
+        l_u, l_y = _LogFDerivatives.apply(u, y, d_u, d_y, near_lower, ctx.terms)
+        return _reduce(g * l_u, u.shape), _reduce(g * l_y, y.shape), None, None
+
+
+def _log_f(u: torch.Tensor, w: torch.Tensor, wbar: torch.Tensor, err: float) -> torch.Tensor:
+    """``log f(u | w)`` of the standardized driftless process; ``wbar = 1 - w`` given separately (exactly)."""
+    terms = series_terms(err)
+    near_lower = (w <= 0.5).detach()
+    y = torch.where(near_lower, w, wbar).clamp_min(torch.finfo(u.dtype).tiny)  # a start on a boundary: its nearest float
+    if torch.is_grad_enabled() and (u.requires_grad or y.requires_grad):
+        return _LogF.apply(u, y, near_lower, terms)[0]
+    return _log_f_parts(u, y, near_lower, terms, order=0)[0]
+
+
+def _wfpt_lower(t: torch.Tensor, v: torch.Tensor, a: torch.Tensor, w: torch.Tensor, wbar: torch.Tensor,
+                sv: torch.Tensor | None, err: float, add_t=0.0, add_w=0.0,
+                keep=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower-boundary log density at decision times ``t`` and where it is positive (``(log p, valid)``).
+
+    ``add_t`` / ``add_w`` are added to the log density (e.g. log quadrature
+    weights) and ``keep`` (bool) masks times out; each is folded into the terms
+    that depend on the time alone or on the start alone, so that with times
+    and starts on different axes few operations touch every (time, start) pair.
+    Below a decision time of 1 microsecond (including ``t <= 0``), and where
+    ``keep`` is false, the density is taken as zero: the log density holds
+    ``_NEG`` there (and its gradients are 0).
+    """
+    a = a.clamp_min(1e-6)
+    a2 = a * a
+    valid = (t > _T_MIN).detach()
+    if keep is not None:
+        valid = valid & keep
+    t = torch.where(valid, t, a2)  # a harmless time where the density is zero
+    log_f = _log_f(t / a2, w, wbar, err)
+    if sv is None:
+        by_t = add_t - torch.log(a2) - 0.5 * v * v * t
+        log_p = log_f + torch.where(valid, by_t, _NEG) + (add_w - v * a * w)
+    else:
+        s2 = sv * sv
+        half_inv = 0.5 / (1.0 + s2 * t)
+        by_t = add_t - torch.log(a2) + 0.5 * torch.log(2.0 * half_inv) - v * v * t * half_inv
+        log_p = log_f + torch.where(valid, by_t, _NEG) + (a2 * s2 * w - 2.0 * a * v) * w * half_inv + add_w
+    return log_p, valid
+
+
+def _as_tensors(*values):
+    """Tensors of a common floating dtype and device (float64 unless a tensor says otherwise)."""
+    ref = next((x for x in values if isinstance(x, torch.Tensor) and x.is_floating_point()), None)
+    dtype = ref.dtype if ref is not None else torch.float64
+    device = next((x.device for x in values if isinstance(x, torch.Tensor)), None)
+    return tuple(torch.as_tensor(x, dtype=dtype, device=device) for x in values)
+
+
+def wfpt_logpdf(rt, v, a, z, sv=0.0, *, err: float = 1e-12) -> torch.Tensor:
+    r"""Log density of reaching the *lower* boundary at decision time ``rt``.
+
+    The density of the upper boundary is ``wfpt_logpdf(rt, -v, a, 1 - z, sv)``.
+
+    Parameters
+    ----------
+    rt : Tensor or array_like
+        Decision times (response time minus non-decision time), seconds.
+    v, a, z, sv : Tensor, array_like or float
+        Drift, boundary separation (> 0), relative start point in (0, 1) and
+        across-trial drift SD (>= 0, integrated analytically).  All arguments
+        broadcast against each other.
+    err : float
+        Relative error bound of the series (:func:`series_terms`).
+
+    Returns
+    -------
+    Tensor
+        Log densities, broadcast shape; ``-inf`` where ``rt <= 0`` (below
+        1 microsecond the density is taken as zero).  Differentiable twice.
+    """
+    rt, v, a, z, sv = _as_tensors(rt, v, a, z, sv)
+    log_p, valid = _wfpt_lower(rt, v, a, z, 1.0 - z, sv, err)
+    return torch.where(valid, log_p, -math.inf)
+
+
+@functools.lru_cache(maxsize=None)
+def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if n < 1:
+        raise ValueError(f"quadrature orders must be >= 1, got {n}")
+    return np.polynomial.legendre.leggauss(n)
+
+
+def _nodes(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w = _legendre(n)
+    return (torch.as_tensor(x, dtype=like.dtype, device=like.device),
+            torch.as_tensor(np.log(w / 2.0), dtype=like.dtype, device=like.device))
+
+
+def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err: float) -> torch.Tensor:
+    """Lower-boundary log density of response times ``rt`` with ``st`` and ``sz`` integrated out.
+
+    ``st``/``sz`` ``None`` means no spread (no quadrature axis).  The start
+    point is integrated over ``[z - sz/2, z + sz/2]`` cut to ``(0, 1)``; the
+    non-decision time as the decision time ``s = rt - t0_trial`` over
+    ``[max(rt - t0 - st/2, s_min), rt - t0 + st/2]`` in log time
+    (``s = e^lambda``), where the density is a smooth bump that Gauss-Legendre
+    resolves even when the window starts at 0; ``s_min = (w a)^2 / 60`` (``w``
+    the start node nearest to the boundary) cuts the onset, where the density is
+    below ``1e-10`` of its peak.  Decision-time nodes vary along a leading
+    axis and start-point nodes along a second one, so what depends on only one
+    of them is computed once per node, not per pair.
+    Returns ``(...)`` log densities holding ``_NEG`` where the density is zero.
+    """
+    nd = max(x.dim() for x in (rt, v, a, t0, w, wbar))
+
+    def node_axis(x, axis):  # quadrature nodes lead, so trial tensors broadcast along contiguous memory
+        shape = [1, 1] + [1] * nd
+        shape[axis] = -1
+        return x.reshape(shape)
+
+    add_w = add_t = 0.0
+    if sz is None:
+        wn, wbn = w[None, None], wbar[None, None]
+    else:
+        xz, logw_z = (node_axis(q, 1) for q in _nodes(n_sz, rt))
+        spread = sz > _SPREAD_MIN  # narrower spreads are points (their share of the density is below 1e-12)
+        sz_q = torch.where(spread, sz, torch.ones_like(sz))  # safe inputs for the quadrature
+        half = torch.where(spread, sz / 2.0, torch.zeros_like(sz))
+        below, above = torch.minimum(half, w), torch.minimum(half, wbar)  # cut at the boundaries
+        frac = torch.where(spread, (below + above) / sz_q, torch.ones_like(sz))
+        span = below + above
+        wn = (w - below) + span * (1.0 + xz) / 2.0  # (1, n_sz, ...)
+        wbn = (wbar - above) + span * (1.0 - xz) / 2.0
+        add_w = torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny)) + logw_z
+    keep = None
+    if st is None:
+        dt = (rt - t0)[None, None]
+    else:
+        xs, logw_s = (node_axis(q, 0) for q in _nodes(n_st, rt))
+        spread = st > _SPREAD_MIN
+        st_q = torch.where(spread, st, torch.ones_like(st))
+        s_hi = rt - t0 + st_q / 2.0
+        onset = (wn[:, :1] * a) ** 2 / 60.0  # of the start node nearest to the boundary
+        s_lo = torch.maximum(s_hi - st_q, onset).clamp_min(_T_MIN)
+        window = s_lo < s_hi
+        span = torch.log1p(torch.where(window, s_hi - s_lo, s_lo) / s_lo)  # log(s_hi / s_lo) where not empty
+        lam = torch.log(s_lo) + span * (1.0 + xs) / 2.0  # (n_st, 1, ...): the times are shared by all start nodes
+        dt = torch.where(spread, torch.exp(lam), rt - t0)
+        add_t = logw_s + torch.where(spread, torch.log(span / st_q) + lam, torch.zeros_like(lam))
+        keep = window | ~spread
+    log_p, valid = _wfpt_lower(dt, v, a, wn, wbn, sv, err, add_t, add_w, keep)
+    out = torch.logsumexp(log_p, (0, 1))
+    return torch.where(valid.flatten(0, 1).any(0), out, torch.full_like(out, _NEG))
+
+
+def wfpt_marginal_logpdf(rt, v, a, z, t0, sv=0.0, st=0.0, sz=0.0, *, n_st: int = N_ST, n_sz: int = N_SZ,
+                         err: float = 1e-12) -> torch.Tensor:
+    """Log density of a *lower*-boundary response at time ``rt`` with across-trial variability.
+
+    Non-decision time ``U(t0 - st/2, t0 + st/2)`` and relative start point
+    ``U(z - sz/2, z + sz/2)`` are integrated by Gauss-Legendre quadrature of
+    orders ``n_st`` and ``n_sz`` over the part of each interval where the
+    density is positive (see the module notes); the drift SD ``sv`` analytically.
+
+    Parameters
+    ----------
+    rt : Tensor or array_like
+        Response times (seconds, including the non-decision time).
+    v, a, z, t0, sv, st, sz : Tensor, array_like or float
+        Drift, boundary separation, centre of the relative start, centre of the
+        non-decision time, drift SD and the full widths of the two uniforms.
+        All broadcast against each other.
+    n_st, n_sz : int
+        Quadrature orders (used where ``st`` / ``sz`` is positive).
+    err : float
+        Relative error bound of the series.
+
+    Returns
+    -------
+    Tensor
+        Log densities, broadcast shape; ``-inf`` where the density is zero.
+    """
+    rt, v, a, z, t0, sv, st, sz = _as_tensors(rt, v, a, z, t0, sv, st, sz)
+    out = _marginal_lower(rt, v, a, t0, z, 1.0 - z, sv, st, sz, n_st, n_sz, err)
+    return torch.where(out > _NEG / 2, out, torch.full_like(out, -math.inf))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact simulation of first passages
+# ----------------------------------------------------------------------------------------------------
+def simulate_first_passage(v, a, z, rng: np.random.Generator, step: float = 0.02,
+                           max_time: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    r"""Exact draws of the first passage of a Wiener process with drift ``v`` through 0 or ``a``.
+
+    In normalized units (position ``/ a``, time ``/ a^2``, drift ``v a``) the
+    walk takes Gaussian steps of ``step`` (exact for a constant drift).  A
+    crossing between two positions ``x0, x1`` inside ``(0, 1)`` happens with
+    the Brownian-bridge probability ``exp(-2 d0 d1 / step)`` (``d0, d1`` their
+    distances to the boundary); a step that ends beyond a boundary has crossed
+    it.  The crossing time within the step is drawn from its exact law given
+    both ends: ``step * r / (1 + r)`` with ``r`` inverse Gaussian of mean
+    ``d0 / d1`` and shape ``d0^2 / step``.  The only approximation is that a
+    step cannot touch both boundaries (probability about ``exp(-1 / (2 step))``
+    = ``1e-11`` per step at the default).
+
+    Parameters
+    ----------
+    v, a, z : ndarray
+        Drift, boundary separation (> 0) and relative start point per trial,
+        same shape.  A start at or beyond a boundary (``z <= 0`` or ``z >= 1``)
+        responds there at once (decision time 0).
+    rng : numpy.random.Generator
+        Random stream.
+    step : float
+        Step in normalized time (``t / a^2``).
+    max_time : float
+        Normalized time after which a walk that has not finished (probability
+        below ``exp(-pi^2 max_time / 2)``) is assigned to the nearer boundary.
+
+    Returns
+    -------
+    t : ndarray
+        Decision times (seconds), shape of ``v``.
+    upper : ndarray
+        ``int64``, 1 where the upper boundary was reached.
+    """
+    v, a, z = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (v, a, z)))
+    shape = v.shape
+    mu, x, scale = (v * a).ravel(), z.ravel().copy(), (a * a).ravel()
+    s = np.zeros_like(x)
+    upper = (x >= 1.0).astype(np.int64)
+    active = np.flatnonzero((x > 0.0) & (x < 1.0))
+    sd = math.sqrt(step)
+    for _ in range(int(math.ceil(max_time / step))):
+        if active.size == 0:
+            break
+        x0 = x[active]
+        x1 = x0 + mu[active] * step + sd * rng.standard_normal(active.size)
+        u = rng.random(active.size)
+        p_up = np.exp(-2.0 * np.clip(1.0 - x0, 0, None) * np.clip(1.0 - x1, 0, None) / step)
+        p_lo = np.exp(-2.0 * np.clip(x0, 0, None) * np.clip(x1, 0, None) / step)
+        hit_up = (x1 >= 1.0) | (u < p_up)
+        hit_lo = ~hit_up & ((x1 <= 0.0) | (u < p_up + p_lo))
+        done = hit_up | hit_lo
+        d0 = np.where(hit_up, 1.0 - x0, x0)[done]
+        d1 = np.abs(np.where(hit_up, 1.0 - x1, x1)[done])
+        r = np.full(d0.shape, np.inf)
+        pos = d1 > 0
+        r[pos] = rng.wald(d0[pos] / d1[pos], d0[pos] ** 2 / step)
+        frac = np.where(np.isinf(r), 1.0, r / (1.0 + r))
+        idx = active[done]
+        s[idx] += step * frac
+        upper[idx] = hit_up[done]
+        keep = active[~done]
+        s[keep] += step
+        x[keep] = x1[~done]
+        active = keep
+    upper[active] = (x[active] >= 0.5).astype(np.int64)
+    return (s * scale).reshape(shape), upper.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trial likelihood with the contaminant component
+# ----------------------------------------------------------------------------------------------------
+def ddm_trial_logpdf(rt: torch.Tensor, choice: torch.Tensor, v, a, t0, z, sv=None, st=None, sz=None, *,
+                     zbar=None, rt_max=None, p_outlier: float = P_OUTLIER, n_st: int = N_ST, n_sz: int = N_SZ,
+                     err: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Log-likelihood of each trial's response time and choice, with the contaminant mixture.
+
+    Parameters
+    ----------
+    rt, choice : Tensor or array_like
+        Response times (seconds) and choices (1 upper, 0 lower), same shape ``(...)``.
+    v, a, t0, z : Tensor, array_like or float
+        Drift, boundary separation, non-decision time and relative start,
+        broadcasting against ``rt``.
+    sv, st, sz : Tensor, optional
+        Across-trial variability (``None``: none, no quadrature axis).
+    zbar : Tensor, optional
+        ``1 - z`` computed exactly (e.g. ``sigmoid(-x)``); default ``1 - z``.
+    rt_max : Tensor, optional
+        Upper end of the contaminant's uniform response time, broadcasting
+        against ``rt`` (default: the largest ``rt``).
+    p_outlier : float
+        Contaminant probability in ``[0, 1)``; 0 gives the plain Wiener
+        likelihood (a response at or before ``t0`` then has log density ``-1e30``).
+    n_st, n_sz : int
+        Gauss-Legendre orders of the ``st`` and ``sz`` integrals.
+    err : float
+        Relative error bound of the series.
+
+    Returns
+    -------
+    log_p : Tensor
+        ``(...)`` log-likelihood of each trial (finite).
+    log_contaminant : Tensor
+        ``(...)`` log of the contaminant's share ``p_outlier / (2 rt_max)``
+        (``-inf`` when ``p_outlier = 0``); ``exp(log_contaminant - log_p)`` is
+        each trial's posterior probability of being a contaminant.
+    """
+    if not 0.0 <= p_outlier < 1.0:
+        raise ValueError(f"p_outlier must be in [0, 1), got {p_outlier}")
+    given = [x for x in (rt, choice, v, a, t0, z, sv, st, sz, zbar, rt_max) if x is not None]
+    if not all(isinstance(x, torch.Tensor) for x in given):
+        conv = iter(_as_tensors(*given))
+        rt, choice, v, a, t0, z, sv, st, sz, zbar, rt_max = (
+            None if x is None else next(conv) for x in (rt, choice, v, a, t0, z, sv, st, sz, zbar, rt_max))
+    zbar = 1.0 - z if zbar is None else zbar
+    upper = choice > 0.5
+    v_low = torch.where(upper, -v, v)  # the upper boundary is the lower one of the mirrored process
+    w, wbar = torch.where(upper, zbar, z), torch.where(upper, z, zbar)
+    log_ddm = _marginal_lower(rt, v_low, a, t0, w, wbar, sv, st, sz, n_st, n_sz, err)
+    if p_outlier == 0.0:
+        return log_ddm, torch.full_like(log_ddm, -math.inf)
+    rt_max = rt.amax() if rt_max is None else rt_max
+    log_c = (math.log(p_outlier / 2.0) - torch.log(rt_max)).expand_as(log_ddm)
+    # log(c + (1 - p) p_ddm) as log c + softplus(...); torch.logaddexp's second derivative is NaN when the
+    # terms are far apart.  Above 40 softplus(x) = x to within exp(-40).
+    return log_c + F.softplus(log_ddm + (math.log1p(-p_outlier) - log_c), threshold=40.0), log_c
+
+
+# ----------------------------------------------------------------------------------------------------
+# The models
+# ----------------------------------------------------------------------------------------------------
+_CORE = ["v_coef", "a", "t0", "z"]
+_CORE_XFORM = [identity, a_xform, t0_xform, norm2alpha]
+_VAR = ["sv", "st", "sz"]
+_VAR_XFORM = [sv_xform, st_xform, sz_xform]
+
+
+def _check_rt_choice(batch) -> None:
+    """``rt`` (field 0) positive, finite and in seconds; ``choice`` (field 1) 0/1."""
+    rt, mask = batch.data[0], batch.mask
+    reject_subject(batch, ~(torch.isfinite(rt) & (rt > 0)) & mask, 0,
+                   "must hold positive, finite response times (seconds)")
+    filled = torch.where(mask, rt, torch.full_like(rt, float("nan"))).reshape(len(batch), -1)
+    reject_subject(batch, filled.nanmedian(1).values > 20.0, 0,
+                   "has a median response time above 20; response times must be in seconds, not milliseconds")
+    check_categorical(batch, 1, 2)
+
+
+def _ddm_nll(nat: dict, zbar: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, dv: torch.Tensor,
+             mask: torch.Tensor, output: str, p_outlier: float, n_st: int, n_sz: int, err: float, extra=None):
+    """Shared DDM likelihood: drift ``v_coef * dv`` per trial; per-subject parameters in ``nat`` ``(S,)``."""
+    view = (-1,) + (1,) * (rt.dim() - 1)
+    dtype = nat["a"].dtype
+    per = {k: p.reshape(view) for k, p in nat.items()}
+    rt_f = fill_padding(rt, mask, 1.0, dtype)
+    choice_f = fill_padding(choice, mask, 0, dtype)
+    dv = fill_padding(dv, mask, 0.0, dtype)
+    v = per["v_coef"] * dv
+    rt_max = torch.where(mask, rt_f, torch.zeros_like(rt_f)).reshape(rt.shape[0], -1).amax(1).reshape(view)
+    log_p, log_c = ddm_trial_logpdf(rt_f, choice_f, v, per["a"], per["t0"], per["z"], per.get("sv"), per.get("st"),
+                                    per.get("sz"), zbar=zbar.reshape(view), rt_max=rt_max, p_outlier=p_outlier,
+                                    n_st=n_st, n_sz=n_sz, err=err)
+    nll = -sum_trials(log_p, mask)
+    if output != "all":
+        return nll
+    out = {"params": torch.stack(list(nat.values()), -1), "nll": nll, "v": v * mask,
+           "logp": log_p * mask, "p_contaminant": torch.exp(log_c - log_p) * mask, "rt": rt, "choice": choice}
+    out.update(extra or {})
+    return out
+
+
+def _natural(params: torch.Tensor, variability: bool) -> tuple[dict, torch.Tensor]:
+    names, xforms = (_CORE + _VAR, _CORE_XFORM + _VAR_XFORM) if variability else (_CORE, _CORE_XFORM)
+    nat = {n: t(params[:, j]) for j, (n, t) in enumerate(zip(names, xforms))}
+    return nat, torch.sigmoid(-params[:, 3])  # 1 - z without rounding
+
+
+_FIT_DOC = """
+
+    Parameters
+    ----------
+    params : Tensor
+        ``(S, {P})`` normalized ``[{names}]``.
+    rt : Tensor
+        ``(S, T)`` (or ``(S, B, T)``) response times in seconds.
+    choice : Tensor
+        Same shape, 1 = {upper} (upper boundary), 0 = {lower} (lower boundary).
+    {a}, {b} : Tensor
+        Same shape; drift ``v = v_coef * ({a} - {b})``.
+    mask : Tensor, optional
+        ``True`` on real trials.
+    output : {{"nll", "all"}}
+        ``"nll"``: ``(S,)`` negative log-likelihood.  ``"all"``: dict with
+        ``params`` (natural ``(S, {P})``), ``nll``, per trial ``v`` (drift),
+        ``logp`` (log-likelihood), ``p_contaminant`` (posterior probability of
+        the contaminant), ``rt``, ``choice``.
+    p_outlier : float
+        Contaminant probability (module notes; default :data:`P_OUTLIER`).
+    err : float
+        Relative error bound of the series."""
+
+_QUAD_DOC = """
+    n_st, n_sz : int
+        Gauss-Legendre orders of the ``st`` and ``sz`` integrals (default 7 and 5)."""
+
+
+def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, variability: bool):
+    """A DDM whose drift is ``v_coef`` times the difference of two value columns."""
+    names = _CORE + (_VAR if variability else [])
+    xforms = _CORE_XFORM + (_VAR_XFORM if variability else [])
+
+    @model_spec(param_names=names, param_xform=xforms, inputs=["rt", "choice", *inputs], check_data=_check_rt_choice)
+    def fit(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+            mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
+            n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12):
+        mask = default_mask(mask, rt)
+        nat, zbar = _natural(params, variability)
+        extra = {inputs[0]: first, inputs[1]: second}
+        return _ddm_nll(nat, zbar, rt, choice, first - second, mask, output, p_outlier, n_st, n_sz, err, extra)
+
+    fit.__name__ = fit.__qualname__ = f"{name}_fit"
+    task = ("high vs low value: two certain amounts, the higher one is the correct (upper) response"
+            if upper == "high" else "safe vs risky: a gamble against a certain amount, drift can point either way")
+    extra = (" plus across-trial drift SD ``sv`` (sv_xform, 0-2.5), non-decision-time range ``st`` "
+             "(st_xform, 0-0.4 s) and start-point range ``sz`` (sz_xform, 0-0.9); ``sv = st = sz = 0`` is "
+             f"``{name.replace('7', '4')}``" if variability else "")
+    fit.__doc__ = (f"pyEM's ``{name}``: drift-diffusion model of {task}.\n\n"
+                   f"    Drift ``v = v_coef * ({inputs[0]} - {inputs[1]})``; parameters ``v_coef`` (identity), "
+                   "``a`` (a_xform, 0-4), ``t0`` (t0_xform, 0-0.5 s), ``z`` (norm2alpha)" + extra + ".  "
+                   "The likelihood is the exact Wiener first-passage density mixed with a contaminant "
+                   "(:mod:`torchem.models.ddm`)."
+                   + _FIT_DOC.format(P=len(names), names=", ".join(names), upper=upper, lower=lower,
+                                     a=inputs[0], b=inputs[1])
+                   + (_QUAD_DOC if variability else "") + "\n    ")
+    return fit
+
+
+ddm4_fit = _value_model("ddm4", ["value_high", "value_low"], "high", "low", False)
+ddm4_lotto_fit = _value_model("ddm4_lotto", ["ev_risky", "safe"], "risky", "safe", False)
+ddm7_fit = _value_model("ddm7", ["value_high", "value_low"], "high", "low", True)
+ddm7_lotto_fit = _value_model("ddm7_lotto", ["ev_risky", "safe"], "risky", "safe", True)
+
+
+@model_spec(param_names=_CORE + ["alpha"], param_xform=_CORE_XFORM + [norm2alpha], inputs=["rt", "choice", "reward"],
+            check_data=_check_rt_choice)
+def rlddm_fit(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, reward: torch.Tensor,
+              mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
+              err: float = 1e-12):
+    r"""Reinforcement-learning DDM: a Rescorla-Wagner bandit learner whose choices and RTs follow a DDM.
+
+    Two options (0 = lower boundary, 1 = upper boundary) with values starting
+    at 0.5 in every block; after each choice the chosen value moves toward the
+    reward, ``Q(c) += alpha (r - Q(c))``.  The drift of trial ``t`` is
+    ``v_coef * (Q_t(1) - Q_t(0))`` (Pedersen, Frank & Biele, 2017; Fontanesi
+    et al., 2019).  The values are a linear recurrence solved for all trials at
+    once (:func:`~torchem.models.recurrence.linear_scan`).
+
+    Parameters
+    ----------
+    params : Tensor
+        ``(S, 5)`` normalized ``[v_coef, a, t0, z, alpha]`` (identity, a_xform,
+        t0_xform, norm2alpha, norm2alpha).
+    rt, choice, reward : Tensor
+        ``(S, B, T)`` blocks of trials or ``(S, T)``: response times (seconds),
+        choices (0/1) and rewards.
+    mask : Tensor, optional
+        ``True`` on real trials.
+    output : {"nll", "all"}
+        ``"nll"``: ``(S,)``.  ``"all"``: dict as :func:`ddm4_fit` plus ``Q``
+        (``(..., T, 2)`` values before each trial) and ``PE`` (prediction errors).
+    p_outlier, err : float
+        As in :func:`ddm4_fit`.
+
+    References
+    ----------
+    Pedersen, M. L., Frank, M. J., & Biele, G. (2017). *Psychon. Bull. Rev.*, 24, 1234-1251.
+    """
+    mask = default_mask(mask, rt)
+    nat, zbar = _natural(params[:, :4], False)
+    alpha = norm2alpha(params[:, 4])
+    (c, r, m), lead = as_blocks(choice, reward, mask)
+    dtype = params.dtype
+    c = fill_padding(c, m, 0, dtype)
+    r = fill_padding(r, m, 0.0, dtype)
+    al = alpha.repeat_interleave(c.shape[0] // params.shape[0])[:, None]
+    # deviation of each value from its start 0.5: y_t = (1 - alpha) y_{t-1} + alpha (r - 0.5) on the option's trials
+    visits = torch.stack([(1.0 - c) * m, c * m], 0)  # (2, rows, T)
+    q = 0.5 + linear_scan(1.0 - al * visits, al * (r - 0.5) * visits)
+    dv = (q[1] - q[0]).reshape(rt.shape)
+    extra = None
+    if output == "all":
+        qq = q.permute(1, 2, 0).reshape(*rt.shape, 2)
+        pe = (r - torch.where(c > 0.5, q[1], q[0])) * m
+        extra = {"Q": qq, "PE": pe.reshape(rt.shape), "reward": reward}
+        nat = {**nat, "alpha": alpha}
+    return _ddm_nll(nat, zbar, rt, choice, dv, mask, output, p_outlier, 1, 1, err, extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------------
+def ddm_options(fit_func: Callable, **options) -> Callable:
+    """A library DDM with other likelihood options, keeping its names, transforms, inputs and simulator.
+
+    Parameters
+    ----------
+    fit_func : callable
+        :func:`ddm4_fit`, :func:`ddm7_fit`, ... (or a function returned by this one).
+    **options
+        ``p_outlier`` (contaminant probability, 0 for the plain Wiener
+        likelihood), ``n_st``, ``n_sz`` (quadrature orders of the
+        seven-parameter models) and ``err`` (series error bound).
+
+    Returns
+    -------
+    callable
+        ``fit(params, *data, mask=None, output="nll")`` for :class:`~torchem.EMModel`.
+
+    Examples
+    --------
+    >>> fit = ddm_options(ddm7_fit, n_st=11, n_sz=11, p_outlier=0.05)   # doctest: +SKIP
+    >>> EMModel(df, fit, columns=fit.inputs)                              # doctest: +SKIP
+    """
+    base = getattr(fit_func, "base_fit", fit_func)
+    opts = {**getattr(fit_func, "options", {}), **options}
+    allowed = {"p_outlier", "err"} | ({"n_st", "n_sz"} if "sv" in base.param_names else set())
+    unknown = set(opts) - allowed
+    if unknown:
+        raise ValueError(f"{base.__name__} takes the options {sorted(allowed)}, not {sorted(unknown)}")
+
+    @functools.wraps(base)
+    def fit(params, *data, mask=None, output="nll"):
+        return base(params, *data, mask=mask, output=output, **opts)
+
+    fit.base_fit, fit.options = base, opts
+    return fit
+
+
+# ----------------------------------------------------------------------------------------------------
+# Simulators
+# ----------------------------------------------------------------------------------------------------
+def _check_natural(p: np.ndarray, names: Sequence[str]) -> None:
+    bounds = {"a": (0.0, 4.0), "t0": (0.0, 0.5), "z": (0.0, 1.0), "sv": (0.0, 2.5), "st": (0.0, 0.4),
+              "sz": (0.0, 0.9), "alpha": (0.0, 1.0)}
+    for j, n in enumerate(names):
+        if n in bounds:
+            lo, hi = bounds[n]
+            inside = (p[:, j] > lo) & (p[:, j] < hi) if n in ("a", "z", "alpha") else (p[:, j] >= lo) & (p[:, j] < hi)
+            if not inside.all():
+                raise ValueError(f"{n} must be in the range of its transform ({lo:g}, {hi:g}); "
+                                 f"subject {int(np.flatnonzero(~inside)[0])} has {p[~inside, j][0]:g}")
+
+
+def _draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
+    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject parameters ``p``."""
+    col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
+    shape = dv.shape
+    v = col["v_coef"] * dv
+    rt = np.zeros(shape)
+    choice = np.zeros(shape, dtype=np.int64)
+    todo = np.ones(shape, dtype=bool)
+    while todo.any():  # responses at or before 0 (a negative t0 draw) are drawn again
+        vt = np.broadcast_to(v, shape)[todo]
+        if "sv" in col:
+            vt = vt + np.broadcast_to(col["sv"], shape)[todo] * rng.standard_normal(vt.shape)
+        zt = np.broadcast_to(col["z"], shape)[todo]
+        t0 = np.broadcast_to(col["t0"], shape)[todo]
+        if "sz" in col:
+            zt = zt + np.broadcast_to(col["sz"], shape)[todo] * (rng.random(zt.shape) - 0.5)
+        if "st" in col:
+            t0 = t0 + np.broadcast_to(col["st"], shape)[todo] * (rng.random(t0.shape) - 0.5)
+        t, up = simulate_first_passage(vt, np.broadcast_to(col["a"], shape)[todo], zt, rng)
+        rt[todo], choice[todo] = t0 + t, up
+        todo = rt <= 0
+    return rt, choice, v
+
+
+def _highlow_design(S: int, T: int, rng: np.random.Generator) -> dict:
+    low = rng.uniform(1.0, 3.0, (S, T))
+    return {"value_high": low + rng.uniform(0.1, 1.5, (S, T)), "value_low": low}
+
+
+def _lotto_design(S: int, T: int, rng: np.random.Generator) -> dict:
+    ev = rng.uniform(0.1, 0.9, (S, T)) * rng.uniform(1.0, 4.0, (S, T))
+    return {"ev_risky": ev, "safe": ev - rng.uniform(-1.2, 1.2, (S, T))}
+
+
+def _value_simulator(fit: Callable, design: Callable, doc: str) -> Callable:
+    keys = fit.inputs[2:]
+
+    def simulate(params: np.ndarray, ntrials: int = 150, seed: int | None = None, **values) -> dict:
+        p = natural_params(params, fit.param_names)
+        _check_natural(p, fit.param_names)
+        rng = np.random.default_rng(seed)
+        unknown = set(values) - set(keys)
+        if unknown:
+            raise ValueError(f"unknown design arrays {sorted(unknown)}; {fit.__name__} takes {keys}")
+        if values:
+            if set(values) != set(keys):
+                raise ValueError(f"give both design arrays {keys} or neither")
+            vals = {k: np.broadcast_to(np.asarray(values[k], dtype=float), (len(p), np.shape(values[k])[-1]))
+                    for k in keys}
+        else:
+            vals = design(len(p), ntrials, rng)
+        rt, choice, v = _draw_trials(p, fit.param_names, vals[keys[0]] - vals[keys[1]], rng)
+        return {"params": p.copy(), "rt": rt, "choice": choice, **{k: np.array(vals[k]) for k in keys}, "v": v}
+
+    simulate.__name__ = simulate.__qualname__ = fit.__name__.replace("_fit", "_simulate")
+    simulate.__doc__ = doc
+    fit.simulate = simulate
+    return simulate
+
+
+_SIM_DOC = """Simulate :func:`{fit}` subjects with exact first passages (:func:`simulate_first_passage`).
+
+    Parameters
+    ----------
+    params : ndarray
+        ``(S, {P})`` natural ``[{names}]``.
+    ntrials : int
+        Trials per subject (default 150) when the design is drawn.
+    seed : int, optional
+        Seed of the random stream.
+    {a}, {b} : ndarray, optional
+        ``(S, T)`` or ``(T,)`` design to simulate on (e.g. a fitted data set, for
+        posterior predictive checks); default: pyEM's design, {design}.
+
+    Returns
+    -------
+    dict
+        ``params``, ``rt`` ``(S, T)`` seconds, ``choice`` ``(S, T)`` int
+        (1 = {upper}), ``{a}``, ``{b}``, ``v`` (mean drift per trial).
+    """
+_HIGHLOW = "value_low ~ U(1, 3), value_high = value_low + U(0.1, 1.5)"
+_LOTTO = "ev_risky = U(0.1, 0.9) * U(1, 4), safe = ev_risky - U(-1.2, 1.2)"
+for _fit, _design, _text, _upper in ((ddm4_fit, _highlow_design, _HIGHLOW, "high"),
+                                     (ddm7_fit, _highlow_design, _HIGHLOW, "high"),
+                                     (ddm4_lotto_fit, _lotto_design, _LOTTO, "risky"),
+                                     (ddm7_lotto_fit, _lotto_design, _LOTTO, "risky")):
+    _value_simulator(_fit, _design, _SIM_DOC.format(fit=_fit.__name__, P=len(_fit.param_names),
+                                                    names=", ".join(_fit.param_names), a=_fit.inputs[2],
+                                                    b=_fit.inputs[3], design=_text, upper=_upper))
+ddm4_simulate, ddm7_simulate = ddm4_fit.simulate, ddm7_fit.simulate
+ddm4_lotto_simulate, ddm7_lotto_simulate = ddm4_lotto_fit.simulate, ddm7_lotto_fit.simulate
+
+
+def rlddm_simulate(params: np.ndarray, nblocks: int = 4, ntrials: int = 30, reward_probs=None,
+                   seed: int | None = None) -> dict:
+    """Simulate :func:`rlddm_fit` learners on a two-armed bandit, trial by trial.
+
+    Parameters
+    ----------
+    params : ndarray
+        ``(S, 5)`` natural ``[v_coef, a, t0, z, alpha]``.
+    nblocks, ntrials : int
+        Blocks and trials per block; values restart at 0.5 in every block.
+    reward_probs : array_like, optional
+        ``(2,)`` or ``(nblocks, 2)`` reward probability of options 0 and 1;
+        default: 0.2 / 0.8 in even blocks and 0.8 / 0.2 in odd ones (the better
+        option alternates, so a start-point bias is not confounded with learning).
+    seed : int, optional
+        Seed of the random stream.
+
+    Returns
+    -------
+    dict
+        ``params``, ``rt``, ``choice`` (int), ``reward``, ``v`` (mean drift),
+        each ``(S, B, T)``, and ``Q`` ``(S, B, T, 2)`` (values before each trial).
+    """
+    p = natural_params(params, rlddm_fit.param_names)
+    _check_natural(p, rlddm_fit.param_names)
+    rng = np.random.default_rng(seed)
+    S = len(p)
+    if reward_probs is None:
+        reward_probs = [[0.2, 0.8] if b % 2 == 0 else [0.8, 0.2] for b in range(nblocks)]
+    probs = np.broadcast_to(np.asarray(reward_probs, dtype=float), (nblocks, 2))
+    out = {k: np.zeros((S, nblocks, ntrials)) for k in ("rt", "reward", "v")}
+    out["choice"] = np.zeros((S, nblocks, ntrials), dtype=np.int64)
+    Q = np.zeros((S, nblocks, ntrials, 2))
+    q = np.full((S, nblocks, 2), 0.5)
+    alpha = p[:, 4][:, None]
+    for t in range(ntrials):
+        Q[:, :, t] = q
+        rt, c, v = _draw_trials(p[:, :4], _CORE, q[..., 1] - q[..., 0], rng)
+        r = (rng.random((S, nblocks)) < probs[np.arange(nblocks)[None, :], c]).astype(float)
+        chosen = np.take_along_axis(q, c[..., None], -1)[..., 0]
+        np.put_along_axis(q, c[..., None], (chosen + alpha * (r - chosen))[..., None], -1)
+        out["rt"][:, :, t], out["choice"][:, :, t], out["reward"][:, :, t], out["v"][:, :, t] = rt, c, r, v
+    return {"params": p.copy(), **out, "Q": Q}
+
+
+rlddm_fit.simulate = rlddm_simulate
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries of response-time distributions
+# ----------------------------------------------------------------------------------------------------
+def rt_quantiles(rt, choice, mask=None, quantiles: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+                 subject_ids: Sequence | None = None) -> pd.DataFrame:
+    """Response-time quantiles per subject and choice (data or simulations), for predictive checks.
+
+    Parameters
+    ----------
+    rt, choice : array_like or Tensor
+        ``(S, ...)`` response times and 0/1 choices (trial axes flattened).
+    mask : array_like or Tensor, optional
+        ``(S, ...)`` ``True`` on real trials (default: every finite ``rt``).
+    quantiles : sequence of float
+        Probabilities of the quantiles (default the 10/30/50/70/90% of
+        quantile-probability plots).
+    subject_ids : sequence, optional
+        Labels of the ``S`` subjects (default ``0..S-1``).
+
+    Returns
+    -------
+    DataFrame
+        Index ``(subject, choice)``; columns ``n`` (trials), ``p`` (share of the
+        subject's trials with that choice) and one column per quantile
+        (``q0.1``, ...; NaN where the choice never occurs).
+    """
+    as_np = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)  # noqa: E731
+    rt = as_np(rt).astype(float)
+    S = rt.shape[0]
+    rt = rt.reshape(S, -1)
+    choice = as_np(choice).reshape(S, -1)
+    mask = np.isfinite(rt) if mask is None else as_np(mask).reshape(S, -1).astype(bool)
+    ids = list(range(S)) if subject_ids is None else list(subject_ids)
+    rows = []
+    for i in range(S):
+        n_all = int(mask[i].sum())
+        for c in (0, 1):
+            sel = mask[i] & (choice[i] == c)
+            qs = np.quantile(rt[i, sel], quantiles) if sel.any() else np.full(len(quantiles), np.nan)
+            rows.append({"subject": ids[i], "choice": c, "n": int(sel.sum()), "p": sel.sum() / max(n_all, 1),
+                         **{f"q{q:g}": v for q, v in zip(quantiles, qs)}})
+    return pd.DataFrame(rows).set_index(["subject", "choice"])
