@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -354,6 +355,33 @@ class EMModel:
             self.result = partial
             raise
         return self.result
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write the fitted result to ``path`` (see :meth:`FitResult.save`); the likelihood and data are code
+        and input files, which stay with the user."""
+        self._fitted().save(path)
+
+    def load(self, path: "str | os.PathLike", map_location: Any = None) -> "EMModel":
+        """Make the result saved at ``path`` this model's result (moved to its device and dtype); returns ``self``.
+
+        The saved parameter names (and, with data, the subject ids) must match this model's, so that
+        evidence, iBIC and plots use the data the result was fitted to.
+        """
+        res = FitResult.load(path, map_location=self.device if map_location is None else map_location,
+                             param_xform=self.model.param_xform)
+        if list(res.param_names) != list(self.param_names):
+            raise ValueError(f"{path}: the saved result has parameters {res.param_names}, this model "
+                             f"{self.param_names}")
+        if self.batch is not None and list(res.subject_ids) != list(self.batch.subject_ids):
+            raise ValueError(f"{path}: the saved result's {res.n_subjects} subject ids differ from this model's "
+                             f"{self.batch.n_subjects} subjects")
+        for k in ("m", "inv_h", "NPL", "NLPrior", "NLL", "hess_logdet"):
+            setattr(res, k, getattr(res, k).to(self.dtype))
+        for k in ("group", "estep_prior"):
+            if getattr(res, k) is not None:
+                setattr(res, k, getattr(res, k).to(self.device, self.dtype))
+        self.result = res
+        return self
 
     def fit_individual(self, prior: Prior | None = None, nstarts: int = 10, seed: int | None = 0,
                        maxit: int = 500, gtol: float = 1e-7) -> FitResult:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -29,7 +30,8 @@ from .model import Model
 from .optim import minimize
 from .priors import Prior
 
-__all__ = ["SubjectStatus", "PosteriorMoments", "LaplaceEStep", "ImportanceEStep", "neg_log_posterior"]
+__all__ = ["SubjectStatus", "PosteriorMoments", "LaplaceEStep", "ImportanceEStep", "neg_log_posterior",
+           "run_in_chunks", "auto_chunk_size", "free_memory", "restart_draws"]
 
 
 class SubjectStatus(enum.IntEnum):
@@ -96,20 +98,36 @@ def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
     data, mask, S = batch.data, batch.mask, batch.n_subjects
     if subjects is None:
         subjects = torch.arange(S, device=mask.device)
-    whole = subjects.numel() == S and bool((subjects == torch.arange(S, device=mask.device)).all())
+    n = subjects.numel()
+    if not (n == S and bool((subjects == torch.arange(S, device=mask.device)).all())):
+        data, mask = tuple(d[subjects] for d in data), mask[subjects]  # a chunk's data, gathered once
 
     def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         subj = subjects[idx]
-        if whole and idx.numel() == S:  # all subjects in order: no copy of the data
+        if idx.numel() == n:  # all problems in order: no copy of the data
             return model.nll(x, data, mask) + prior.neg_log_prior(x, subj)
-        return model.nll(x, tuple(d[subj] for d in data), mask[subj]) + prior.neg_log_prior(x, subj)
+        return model.nll(x, tuple(d[idx] for d in data), mask[idx]) + prior.neg_log_prior(x, subj)
 
     return fun
 
 
-def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, prior: Prior, generator: torch.Generator,
+def restart_draws(prior: Prior, subjects: torch.Tensor, seed: int, step: int, round: int) -> torch.Tensor:
+    """``(n, P)`` restart points drawn from ``prior``, one per subject, each from its own generator.
+
+    The generator of subject ``s`` is seeded by ``(seed, step, s, round)``, so a subject's draws do not
+    depend on which other subjects failed or on how the subjects are chunked.
+    """
+    starts = []
+    for s in subjects.tolist():
+        gen = torch.Generator()
+        gen.manual_seed(hash((seed, step, s, round)) & (2**63 - 1))
+        starts.append(prior.sample(1, gen))
+    return torch.cat(starts)
+
+
+def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, draw: Callable[[torch.Tensor, int], torch.Tensor],
                 max_restarts: int, optim_kwargs: dict):
-    """Batched MAP search; failed subjects restart from prior draws, keeping the best point.
+    """Batched MAP search; failed subjects restart from ``draw(problems, round)``, keeping the best point.
 
     Returns ``x``, ``f``, ``g`` and the ``int8`` status, problems first.
     """
@@ -119,11 +137,11 @@ def _map_search(fun: Callable, x0: torch.Tensor, warm: dict, prior: Prior, gener
                          torch.where(res.stalled, SubjectStatus.STALLED, SubjectStatus.FAILED)).to(torch.int8)
     # a subject stalled on a kink sits at a local minimum already: a restart ends on the same kink
     retry = status == SubjectStatus.FAILED
-    for _ in range(max_restarts):
+    for round in range(max_restarts):
         failed = retry.nonzero().squeeze(1)
         if failed.numel() == 0:
             break
-        starts = prior.sample(failed.numel(), generator)
+        starts = draw(failed, round)
         sub = minimize(lambda z, i: fun(z, failed[i]), starts, **optim_kwargs)
         f_old = torch.where(torch.isfinite(f[failed]), f[failed], torch.full_like(sub.fun, math.inf))
         better = sub.success | (sub.fun < f_old)
@@ -146,7 +164,8 @@ class LaplaceEStep:
     max_restarts, estep_maxit, gtol, hessian_chunk, laplace_cap
         See :class:`torchem.options.FitOptions`.
     generator : torch.Generator
-        CPU generator of the restarts' draws.
+        CPU generator of the base seed of the restarts' draws (see :func:`restart_draws`; ``step``, the
+        E-step number, is set by the caller).
 
     The likelihood's value, gradient and Hessian at a subject's last MAP do
     not depend on the prior, so the next call starts that subject with an
@@ -156,7 +175,8 @@ class LaplaceEStep:
     def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
                  max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
                  laplace_cap: float = 4.0) -> None:
-        self.model, self.batch, self.generator = model, batch, generator
+        self.model, self.batch = model, batch
+        self.restart_seed, self.step = int(torch.randint(0, 2**62, (1,), generator=generator)), 0
         self.x = x0.clone()
         S, P = x0.shape
         self.lik = None  # (nll (S,), grad (S, P), hess (S, P, P)) of the likelihood at self.x
@@ -178,8 +198,11 @@ class LaplaceEStep:
     def run(self, idx: torch.Tensor, prior: Prior) -> PosteriorMoments:
         """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``."""
         fun = neg_log_posterior(self.model, self.batch, prior, idx)
-        x, npl, grad, status = _map_search(fun, self.x[idx], self._warm(idx, prior), prior, self.generator,
-                                           self.max_restarts, self.optim_kwargs)
+        def draw(problems: torch.Tensor, round: int) -> torch.Tensor:
+            return restart_draws(prior, idx[problems], self.restart_seed, self.step, round)
+
+        x, npl, grad, status = _map_search(fun, self.x[idx], self._warm(idx, prior), draw, self.max_restarts,
+                                           self.optim_kwargs)
         usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
         if not bool(usable.all()):
             first = int(idx[(~usable).nonzero()[0]])
@@ -229,8 +252,9 @@ class ImportanceEStep:
         post = self.laplace.run(idx, prior)
         fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx)
         n = self.nsamples if nsamples is None else nsamples
-        isr = importance_draws(fun, post.x, post.inv_h, n, self.seed + (n != self.nsamples), self.proposal_df,
-                               self.min_ess, self.chunk)
+        # a chunk's draws are seeded by its first subject, so that chunks do not share draws
+        seed = self.seed + (n != self.nsamples) + 7919 * int(idx[0])
+        isr = importance_draws(fun, post.x, post.inv_h, n, seed, self.proposal_df, self.min_ess, self.chunk)
         post.m, post.V, post.log_evidence, post.importance = isr.mean, isr.cov, isr.log_evidence, isr
         return post
 
@@ -248,3 +272,52 @@ def importance_draws(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsampl
         for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
             getattr(res, name)[low] = getattr(more, name)
     return res
+
+
+def run_in_chunks(run: Callable[[torch.Tensor], PosteriorMoments], idx: torch.Tensor,
+                  chunk_size: int | None) -> PosteriorMoments:
+    """``run(idx)`` over consecutive chunks of ``chunk_size`` subjects, joined in subject order.
+
+    Every subject's moments depend only on that subject (restarts included:
+    :func:`restart_draws`), so the joined result is the one of a single call,
+    bit for bit in float64 on the CPU.
+    """
+    n = idx.numel()
+    if chunk_size is None or chunk_size >= n:
+        return run(idx)
+    parts = [run(idx[lo:lo + chunk_size]) for lo in range(0, n, chunk_size)]
+    joined = {f.name: torch.cat([getattr(p, f.name) for p in parts])
+              for f in fields(PosteriorMoments) if f.name != "importance"}
+    imp = None
+    if parts[0].importance is not None:
+        imp = ImportanceResult(**{f.name: torch.cat([getattr(p.importance, f.name) for p in parts])
+                                  for f in fields(ImportanceResult)})
+    return PosteriorMoments(**joined, importance=imp)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: free GPU memory, or the CPU's available RAM (``/proc/meminfo``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def auto_chunk_size(batch: SubjectBatch, n_params: int, dtype: torch.dtype, fraction: float = 0.25) -> int:
+    """Subjects per E-step chunk that fit in ``fraction`` of the device's free memory.
+
+    A subject's E-step holds its data and, during the exact Hessian, about
+    ``4 (P + 1)`` working copies of each trial cell (forward values and the
+    forward-over-reverse tangents of ``torch.func``), plus ``O(P^2)`` per
+    subject; the estimate is deliberately generous.
+    """
+    cells = max(1, int(batch.mask[0].numel()))
+    item = torch.finfo(dtype).bits // 8
+    per_subject = item * (cells * (len(batch.data) + 1 + 4 * (n_params + 1) * 8) + 64 * n_params * n_params)
+    return max(1, min(batch.n_subjects, int(fraction * free_memory(batch.device)) // per_subject))

@@ -10,6 +10,7 @@ its ``metadata["help"]``.  pyEM's names are accepted where pyEM has them
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -68,9 +69,20 @@ class FitOptions:
     estep_maxit: int = _opt(200, "L-BFGS iterations per subject and E-step")
     gtol: float = _opt(1e-5, "E-step gradient tolerance (largest absolute gradient entry, as scipy's BFGS); at least "
                                  "sqrt(machine epsilon), 3.5e-4 in float32")
+    chunk_size: Any = _opt(None, "subjects per E-step chunk (MAP search, Hessians, evidence), so that peak memory "
+                                 "is bounded by the chunk: None (all at once), an integer, or 'auto' (a size "
+                                 "from the device's free memory)")
     hessian_chunk: int = _opt(20000, "subjects per exact-Hessian evaluation (bounds memory)")
     laplace_cap: float = _opt(4.0, "largest ratio of a subject's Laplace posterior variance to the group's "
                                    "along any direction (math.inf: no cap); capped subjects are flagged")
+    checkpoint: Any = _opt(None, "file the EM state is saved to every `checkpoint_every` E-steps (atomically: a "
+                                 "temporary file, then a rename), for `resume`")
+    checkpoint_every: int = _opt(10, "E-steps between checkpoints")
+    resume: Any = _opt(None, "checkpoint file to continue from; the fit ends where an uninterrupted one ends "
+                             "(same data and options required)")
+    num_threads: Any = _opt(None, "torch intra-op threads during a CPU fit: None (one thread when an E-step chunk "
+                                  "holds fewer than 10^6 trial cells, unless torch.set_num_threads or "
+                                  "OMP_NUM_THREADS set a count; else torch's setting) or an integer")
     estep: str = _opt("laplace", "'laplace' (MAP and exact inverse Hessian) or 'importance' (importance-"
                                  "sampled posterior moments after Laplace EM converges)")
     nsamples: int = _opt(1000, "importance draws per subject and iteration")
@@ -113,6 +125,16 @@ class FitOptions:
         _positive_int("mstep_maxit", self.mstep_maxit)
         _positive_int("estep_maxit", self.estep_maxit)
         _positive_int("hessian_chunk", self.hessian_chunk)
+        _positive_int("checkpoint_every", self.checkpoint_every)
+        if self.num_threads is not None:
+            _positive_int("num_threads", self.num_threads)
+        for name in ("checkpoint", "resume"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a file path or None, got {value!r}")
+        if self.chunk_size not in (None, "auto"):
+            if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+                raise ValueError(f"chunk_size must be None, 'auto' or an integer >= 1, got {self.chunk_size!r}")
         _positive_int("nsamples", self.nsamples)
         _positive_int("group_window", self.group_window)
         if self.final_nsamples is not None:
@@ -185,7 +207,9 @@ def _cli_type(f) -> Any:
         try:
             if text.lower() == "none":
                 value = None
-            elif isinstance(default, int) or f.name in ("final_nsamples", "seed"):
+            elif f.name == "chunk_size":
+                value = text if text == "auto" else int(text)
+            elif isinstance(default, int) or f.name in ("final_nsamples", "seed", "num_threads"):
                 value = int(text)
             elif isinstance(default, float):
                 value = float(text)
