@@ -286,3 +286,17 @@ def test_float32_default_fit_agrees_with_float64(reference_model):
     assert f32.m.dtype == torch.float32 and f32.estep_success.float().mean() > 0.95, f32.status
     torch.testing.assert_close(f32.posterior_mu.double(), f64.posterior_mu, atol=2e-3, rtol=0)
     torch.testing.assert_close(f32.posterior_var.double(), f64.posterior_var, atol=5e-3, rtol=0)
+
+
+def test_a_sign_error_in_a_custom_choice_model_is_warned(small_data):
+    _, _, all_data = small_data
+
+    def flipped(params, choices, rewards, mask=None, output="nll"):
+        return -rw1a1b_fit(params, choices, rewards, mask=mask)
+
+    model = EMModel(all_data[:8], flipped, param_names=["beta", "alpha"], device="cpu")
+    with pytest.warns(RuntimeWarning, match="negative for most subjects"):
+        res = model.fit(verbose=0, mstep_maxit=5)
+    assert any("check the sign" in w for w in res.warnings)
+    good = EMModel(all_data[:8], rw1a1b_fit, device="cpu").fit(verbose=0)
+    assert not any("check the sign" in w for w in good.warnings)

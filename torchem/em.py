@@ -689,12 +689,33 @@ class EMRun:
                 names = ", ".join(self.model.param_names[j] for j in small)
                 self._warn(f"the group variance of {names} collapsed towards 0 (< 1e-3): every subject is "
                            "shrunk to the group mean; the parameter may be unidentified in these data")
-        discrete = getattr(self.model, "discrete", False)
         nll = post.npl - post.nlprior
-        if discrete and float((nll < 0).double().mean()) > 0.5:
+        if self._discrete_responses() and float((nll < 0).double().mean()) > 0.5:
             self._warn("the negative log-likelihood is negative for most subjects although the model's choices "
                        "are discrete (a probability cannot exceed 1): check the sign of the model's output")
         del o
+
+    def _discrete_responses(self) -> bool:
+        """Whether the model's responses are discrete choices, whose likelihood cannot exceed 1.
+
+        Library models declare it (a response field that is categorical);
+        for a custom model without declarations, any integer-valued data field
+        with at most 10 distinct values is taken as a choice.
+        """
+        fit_func = self.model.fit_func
+        responses = getattr(fit_func, "responses", None)
+        if responses:
+            categorical = {c for group in getattr(fit_func, "categorical", ()) for c in group}
+            return bool(set(responses) & categorical)
+        if getattr(fit_func, "param_names", None):  # a library model without choices
+            return False
+        mask = self.batch.mask
+        for field in self.batch.data:
+            vals = field[mask] if field.shape[:mask.dim()] == mask.shape else field.reshape(-1)
+            vals = vals[torch.isfinite(vals)] if vals.is_floating_point() else vals
+            if vals.numel() and bool((vals == vals.round()).all()) and vals.unique().numel() <= 10:
+                return True
+        return False
 
     def partial_result(self) -> FitResult | None:
         """The result of the last completed E-step (``None`` before the first)."""
