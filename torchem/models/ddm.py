@@ -149,7 +149,7 @@ __all__ = [
     "wfpt_logpdf", "wfpt_marginal_logpdf", "ddm_trial_logpdf", "series_terms", "simulate_first_passage",
     "a_xform", "t0_xform", "sv_xform", "st_xform", "sz_xform", "P_OUTLIER", "ddm_options", "rt_quantiles",
     "ddm4_fit", "ddm4_simulate", "ddm4_lotto_fit", "ddm4_lotto_simulate", "ddm7_fit", "ddm7_simulate",
-    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate",
+    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate", "draw_trials",
 ]
 
 #: Default contaminant (lapse) probability of every trial.
@@ -993,8 +993,10 @@ def _check_natural(p: np.ndarray, names: Sequence[str]) -> None:
                                  f"subject {int(np.flatnonzero(~inside)[0])} has {p[~inside, j][0]:g}")
 
 
-def _draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
-    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject parameters ``p``."""
+def draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
+    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject natural parameters
+    ``p`` ``(S, P)`` named ``names`` (across-trial variability drawn where ``sv``, ``st``, ``sz`` are named);
+    returns ``rt``, ``choice`` and the drift ``v``.  Used by the simulators and the posterior predictive checks."""
     col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
     shape = dv.shape
     v = col["v_coef"] * dv
@@ -1044,7 +1046,7 @@ def _value_simulator(fit: Callable, design: Callable, doc: str) -> Callable:
                     for k in keys}
         else:
             vals = design(len(p), ntrials, rng)
-        rt, choice, v = _draw_trials(p, fit.param_names, vals[keys[0]] - vals[keys[1]], rng)
+        rt, choice, v = draw_trials(p, fit.param_names, vals[keys[0]] - vals[keys[1]], rng)
         return {"params": p.copy(), "rt": rt, "choice": choice, **{k: np.array(vals[k]) for k in keys}, "v": v}
 
     simulate.__name__ = simulate.__qualname__ = fit.__name__.replace("_fit", "_simulate")
@@ -1123,7 +1125,7 @@ def rlddm_simulate(params: np.ndarray, nblocks: int = 4, ntrials: int = 30, rewa
     alpha = p[:, 4][:, None]
     for t in range(ntrials):
         Q[:, :, t] = q
-        rt, c, v = _draw_trials(p[:, :4], _CORE, q[..., 1] - q[..., 0], rng)
+        rt, c, v = draw_trials(p[:, :4], _CORE, q[..., 1] - q[..., 0], rng)
         r = (rng.random((S, nblocks)) < probs[np.arange(nblocks)[None, :], c]).astype(float)
         chosen = np.take_along_axis(q, c[..., None], -1)[..., 0]
         np.put_along_axis(q, c[..., None], (chosen + alpha * (r - chosen))[..., None], -1)
