@@ -140,7 +140,8 @@ def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
     rec = model.recover(true, seed=seed + 1, fit_kwargs=fit_kwargs, **design)
     seconds = time.perf_counter() - t0
     res = rec["fit_result"]
-    return {"model": name, "design": text, "nsubjects": nsubjects, "r": dict(zip(rec["param_names"], rec["correlation"])),
+    return {"model": name, "design": text, "nsubjects": nsubjects,
+            "r": dict(zip(rec["param_names"], rec["correlation"])),
             "seconds": seconds, "iterations": res.n_iter, "converged": bool(res.convergence)}
 
 
