@@ -484,7 +484,11 @@ def test_recovery(name, seed, design, thresholds):
 
 @pytest.mark.slow
 def test_recovery_ddm7():
-    """A smaller study than the recovery table's 100 x 500 (same generating distribution), to stay near a minute."""
+    """A smaller study than the recovery table's 100 x 500 (same generating distribution), to stay near a minute.
+
+    Measured: v_coef 0.91, a 0.98, t0 0.92, z 0.94, sv 0.67, st 0.59, sz 0.18: the drift SD and the
+    non-decision-time range are identified, the start-point range only weakly.
+    """
     r = _recovery("ddm7", 50, 1, ntrials=300)
-    for k, v in {"v_coef": 0.8, "a": 0.85, "t0": 0.8, "z": 0.8}.items():
+    for k, v in {"v_coef": 0.88, "a": 0.95, "t0": 0.9, "z": 0.9, "sv": 0.6, "st": 0.5}.items():
         assert r[k] > v, (k, r[k])
