@@ -95,8 +95,13 @@ def neg_log_posterior(params, choices, rewards, mu, sigma) -> float:
 
 
 def baseline_em(choices: np.ndarray, rewards: np.ndarray, rng: np.random.Generator,
-                maxit: int = 800, crit: float = 1e-3) -> dict:
-    """Hierarchical EM, one subject at a time, the way pyEM fits."""
+                maxit: int = 800, crit: float = 1e-3, objective=neg_log_posterior) -> dict:
+    """Hierarchical EM, one subject at a time, the way pyEM fits.
+
+    ``objective(params, choices, rewards, mu, sigma)`` is one subject's
+    negative log posterior (default: the numpy rw1a1b likelihood plus the
+    Gaussian prior).
+    """
     S, P = choices.shape[0], len(PARAM_NAMES)
     mu, sigma = np.zeros(P), np.full(P, 100.0)  # broad initial prior (variances)
     npl_old = -np.inf
@@ -108,8 +113,7 @@ def baseline_em(choices: np.ndarray, rewards: np.ndarray, rng: np.random.Generat
         npl = np.empty(S)
         for i in range(S):  # E-step: each subject from a fresh random start
             x0 = 0.1 * rng.standard_normal(P)
-            res = scipy.optimize.minimize(neg_log_posterior, x0, args=(choices[i], rewards[i], mu, sigma),
-                                          method="BFGS")
+            res = scipy.optimize.minimize(objective, x0, args=(choices[i], rewards[i], mu, sigma), method="BFGS")
             m[i], inv_h[i], npl[i] = res.x, res.hess_inv, res.fun
             n_fev += res.nfev
         # M-step from the MAPs and the BFGS inverse Hessians

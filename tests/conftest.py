@@ -30,13 +30,8 @@ torch.set_num_threads(1)
 from torchem import EMModel, SubjectBatch  # noqa: E402
 from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate, rw2a1b_simulate  # noqa: E402
 
-#: ``shared/reference`` next to the repository checkout.
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-REFERENCE_FILES = ("rw1a1b_100.csv", "rw1a1b_100_pyem.json", "rw1a1b_100_true.csv")
-
-
-def reference_available() -> bool:
-    return all((REFERENCE_DIR / name).is_file() for name in REFERENCE_FILES)
+#: Reference data shipped with the tests (see tests/data/README.md).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
 
 
 # --------------------------------------------------------------------- helpers
@@ -109,9 +104,6 @@ def lists_to_dataframe(all_data, subject_ids=None) -> pd.DataFrame:
 # -------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    if not reference_available():
-        pytest.skip(f"reference data not found in {REFERENCE_DIR} (expected {', '.join(REFERENCE_FILES)} "
-                    "in shared/reference next to the repository checkout)")
     return REFERENCE_DIR
 
 

@@ -131,11 +131,11 @@ def test_library_transforms_are_kept_and_overridable(ragged_data):
     model = EMModel(ragged_data, rw2a1b_fit, device="cpu")
     assert model.param_names == ["beta", "alpha_pos", "alpha_neg"]
     assert model.model.param_xform == [norm2beta, norm2alpha, norm2alpha]
-    renamed = EMModel(ragged_data, rw1a1b_fit, param_names=["b", "a"], device="cpu")
-    assert renamed.param_names == ["b", "a"] and renamed.model.param_xform == [identity, identity]
-    custom = EMModel(ragged_data, rw1a1b_fit, param_names=["b", "a"], param_xform=[norm2beta, norm2alpha],
+    renamed = EMModel(ragged_data, rw1a1b_fit, param_names=["b", "a"], device="cpu")  # transforms follow positions
+    assert renamed.param_names == ["b", "a"] and renamed.model.param_xform == [norm2beta, norm2alpha]
+    custom = EMModel(ragged_data, rw1a1b_fit, param_names=["b", "a"], param_xform=[identity, norm2alpha],
                      device="cpu")
-    assert custom.get_param_transform("a") is norm2alpha
+    assert custom.get_param_transform("b") is identity and custom.get_param_transform("a") is norm2alpha
 
 
 def test_methods_before_fit_raise(ragged_data):

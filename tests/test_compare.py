@@ -147,6 +147,7 @@ def test_subject_lme_table(asymmetric_comparison):
     assert total == pytest.approx(df.loc["RW2", "LME (largest is best)"])
 
 
+@pytest.mark.slow
 def test_identify_recovers_the_diagonal():
     rng_rates = {"RW2": lambda rng, n: np.column_stack([
         norm2beta(rng.normal(0.5, 0.5, n)), norm2alpha(rng.normal(1.4, 0.3, n)), norm2alpha(rng.normal(-2.2, 0.3, n))])}

@@ -64,13 +64,15 @@ def test_from_lists_default_names_ids_dtype_and_device():
 def test_text_choices_are_coded_in_label_order():
     rng = np.random.default_rng(2)
     subs = [_subject(rng, (2, 8), text=True) for _ in range(3)]
-    b = SubjectBatch.from_lists([[c, r] for c, r in subs], names=NAMES)
+    with pytest.raises(ValueError, match=r"field 'choices' must hold numbers but has the text '[AB]'"):
+        SubjectBatch.from_lists([[c, r] for c, r in subs], names=NAMES)  # only declared fields hold labels
+    b = SubjectBatch.from_lists([[c, r] for c, r in subs], names=NAMES, categorical=["choices"])
     assert b.categories == {"choices": ["A", "B"]}
     assert b.fields["choices"].dtype == torch.long
     expected = np.stack([(c == "B").astype(np.int64) for c, _ in subs])
     np.testing.assert_array_equal(b.fields["choices"].numpy(), expected)
     # a list of Python strings works the same way
-    b2 = SubjectBatch.from_lists([[c.tolist(), r] for c, r in subs], names=NAMES)
+    b2 = SubjectBatch.from_lists([[c.tolist(), r] for c, r in subs], names=NAMES, categorical=[0])
     torch.testing.assert_close(b2.fields["choices"], b.fields["choices"])
     assert b2.categories == {"choices": ["A", "B"]}
 
@@ -126,8 +128,10 @@ def _toy_df(rng, n_subjects=3, blocks=(2, 3, 1), ntrials=5, text=True):
 def test_from_dataframe_with_block_and_trial_matches_lists():
     rng = np.random.default_rng(6)
     df, data = _toy_df(rng)
-    b = SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
-    ref = SubjectBatch.from_lists(data, names=["choice", "reward"], subject_ids=["sub0", "sub1", "sub2"])
+    b = SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial",
+                                    categorical=["choice"])
+    ref = SubjectBatch.from_lists(data, names=["choice", "reward"], subject_ids=["sub0", "sub1", "sub2"],
+                                  categorical=["choice"])
     assert b.names == ["choice", "reward"]
     assert b.subject_ids == ["sub0", "sub1", "sub2"]
     assert b.categories == {"choice": ["A", "B"]}
@@ -191,7 +195,8 @@ def test_from_dataframe_ragged_blocks_within_a_subject():
                        "trial": [1, 2, 3, 1, 2],
                        "choice": ["B", "A", "B", "B", "B"],
                        "reward": [1.0, 0.0, 1.0, 0.0, 1.0]})
-    b = SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
+    b = SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial",
+                                    categorical=["choice"])
     assert b.trial_shape == (2, 3)
     assert b.mask.tolist() == [[[True, True, True], [True, True, False]]]
     assert b.fields["choice"][0][b.mask[0]].tolist() == [1, 0, 1, 1, 1]
@@ -217,7 +222,7 @@ def test_lists_non_finite_values_name_subject_and_field(bad):
         subs[1][1] = subs[1][1].copy()
         subs[1][1][17] = bad
 
-    with pytest.raises(ValueError, match=r"subject 1: field 'rewards' has a non-finite value.*index \(17,\)"):
+    with pytest.raises(ValueError, match=r"subject 1: field 'rewards' has a (missing|non-finite) value.*index \(17,\)"):
         SubjectBatch.from_lists(_two_subject_lists(fix), names=NAMES)
 
 
@@ -225,7 +230,7 @@ def test_lists_nan_in_a_tensor_names_subject_and_field():
     subs = _two_subject_lists(lambda s: None)
     subs[2][1] = torch.from_numpy(subs[2][1]).clone()
     subs[2][1][0] = float("nan")
-    with pytest.raises(ValueError, match=r"subject 2: field 'rewards'.*non-finite"):
+    with pytest.raises(ValueError, match=r"subject 2: field 'rewards'.*missing value"):
         SubjectBatch.from_lists(subs, names=NAMES)
 
 
@@ -233,7 +238,7 @@ def test_lists_nan_in_choices_names_field():
     subs = _two_subject_lists(lambda s: None)
     subs[0][0] = subs[0][0].astype(float)
     subs[0][0][5] = np.nan
-    with pytest.raises(ValueError, match=r"subject 0: field 'choices'.*non-finite"):
+    with pytest.raises(ValueError, match=r"subject 0: field 'choices'.*missing value"):
         SubjectBatch.from_lists(subs, names=NAMES)
 
 
@@ -297,14 +302,14 @@ def test_missing_text_label_in_lists():
         subs[1][0][40] = None
         subs[2][0] = np.where(subs[2][0] == 1, "B", "A")
 
-    with pytest.raises(ValueError, match=r"subject 1: field 'choices'.*missing.*None.*\(40,\)"):
-        SubjectBatch.from_lists(_two_subject_lists(fix), names=NAMES)
+    with pytest.raises(ValueError, match=r"subject 1: field 'choices' has a missing value.*\(40,\)"):
+        SubjectBatch.from_lists(_two_subject_lists(fix), names=NAMES, categorical=["choices"])
 
 
 def test_nan_text_label_in_python_list_is_an_error():
     subs = [[["A", "B", "A"], [1.0, 0.0, 1.0]], [["B", float("nan"), "A"], [0.0, 1.0, 1.0]]]
     with pytest.raises(ValueError, match=r"subject 1: field 'choices'.*missing"):
-        SubjectBatch.from_lists(subs, names=NAMES)
+        SubjectBatch.from_lists(subs, names=NAMES, categorical=["choices"])
 
 
 def _df_for_errors():
@@ -318,24 +323,27 @@ def test_dataframe_non_finite_values_name_subject_and_column(bad):
     df = _df_for_errors()
     row = df.index[(df.subject == "sub1") & (df.block == 2) & (df.trial == 4)][0]
     df.loc[row, "reward"] = bad
-    with pytest.raises(ValueError, match=r"subject 'sub1': field 'reward' has a non-finite value.*\(1, 3\)"):
-        SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
-    with pytest.raises(ValueError, match=r"subject 'sub1': field 'reward'.*non-finite"):
-        SubjectBatch.from_dataframe(df, columns=["choice", "reward"])
+    with pytest.raises(ValueError, match=rf"subject 'sub1': field 'reward' has a (missing|non-finite) value.* "
+                                         rf"at data row {row + 1} \(line {row + 2} of a CSV file"):
+        SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial",
+                                    categorical=["choice"])
+    with pytest.raises(ValueError, match=r"subject 'sub1': field 'reward'.*value"):
+        SubjectBatch.from_dataframe(df, columns=["choice", "reward"], trial=False, categorical=["choice"])
 
 
 def test_dataframe_nan_in_numeric_choices():
     df = _df_for_errors()
     df["choice"] = (df["choice"] == "B").astype(float)
     df.loc[df.index[(df.subject == "sub2")][3], "choice"] = np.nan
-    with pytest.raises(ValueError, match=r"subject 'sub2': field 'choice'.*non-finite"):
+    with pytest.raises(ValueError, match=r"subject 'sub2': field 'choice'.*missing value"):
         SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
 
 
 def test_dataframe_nan_in_unused_column_is_fine():
     df = _df_for_errors()
     df["notes"] = np.nan
-    b = SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
+    b = SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial",
+                                    categorical=["choice"])
     assert b.n_subjects == 3
 
 
@@ -345,8 +353,9 @@ def test_dataframe_missing_text_value(missing):
     df["choice"] = df["choice"].astype(object)
     row = df.index[(df.subject == "sub0") & (df.block == 1) & (df.trial == 3)][0]
     df.loc[row, "choice"] = missing
-    with pytest.raises(ValueError, match=r"subject 'sub0': field 'choice'.*missing.*\(0, 2\)"):
-        SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
+    with pytest.raises(ValueError, match=rf"subject 'sub0': field 'choice' has a missing value.*data row {row + 1} "):
+        SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial",
+                                    categorical=["choice"])
 
 
 def test_dataframe_unknown_columns():
@@ -373,7 +382,7 @@ def test_dataframe_missing_block_or_subject_value():
     df = _df_for_errors()
     df["block"] = df["block"].astype(float)
     df.loc[5, "block"] = np.nan
-    with pytest.raises(ValueError, match=r"column 'block' is missing at row 5"):
+    with pytest.raises(ValueError, match=r"column 'block' is missing at data row 6 \(line 7 of a CSV file"):
         SubjectBatch.from_dataframe(df, columns=["choice", "reward"], block="block", trial="trial")
 
 
@@ -390,7 +399,7 @@ def test_choice_out_of_range_is_rejected_by_the_model():
     data = ragged_bandit_data(seed=1, blocks=(2, 3, 2))
     data[1][0] = data[1][0].copy()
     data[1][0][2, 7] = 2
-    with pytest.raises(ValueError, match=r"subject 1: field 'choices' has value 2 at trial index \(2, 7\)"):
+    with pytest.raises(ValueError, match=r"subject 1: field 'choices' has value 2 at index \(2, 7\)"):
         EMModel(data, rw1a1b_fit, device="cpu")
     data[1][0][2, 7] = -1
     with pytest.raises(ValueError, match=r"subject 1: field 'choices' has value -1"):
@@ -415,7 +424,7 @@ def test_fractional_choice_codes_are_rejected():
 def test_three_text_labels_exceed_a_two_option_model():
     data = [[np.array(["A", "B", "C"]), np.array([1.0, 0.0, 1.0])],
             [np.array(["A", "A", "B"]), np.array([1.0, 0.0, 1.0])]]
-    with pytest.raises(ValueError, match=r"subject 0: field 'choices' has value 2 at trial index \(2,\)"):
+    with pytest.raises(ValueError, match=r"subject 0: field 'choices' has the label 'C' at index \(2,\)"):
         EMModel(data, rw1a1b_fit, device="cpu")
 
 
@@ -436,9 +445,10 @@ def test_pandas_nullable_dtypes():
     assert b.fields["reward"].tolist() == [[[1.0, 0.0], [0.0, 0.0]], [[0.5, 0.0], [1.0, 0.0]]]
     with_na = df.copy()
     with_na.loc[3, "reward"] = pd.NA
-    with pytest.raises(ValueError, match=r"subject 2: field 'reward'.*\(0, 1\)"):
+    with pytest.raises(ValueError, match=r"subject 2: field 'reward'.*data row 4 "):
         SubjectBatch.from_dataframe(with_na, columns=["choice", "reward"], block="block", trial="trial")
     text = df.copy()
     text["choice"] = pd.array(["A", "B", "A", None, "B"], dtype="string")
-    with pytest.raises(ValueError, match=r"subject 2: field 'choice'.*missing.*\(0, 1\)"):
-        SubjectBatch.from_dataframe(text, columns=["choice", "reward"], block="block", trial="trial")
+    with pytest.raises(ValueError, match=r"subject 2: field 'choice'.*missing.*data row 4 "):
+        SubjectBatch.from_dataframe(text, columns=["choice", "reward"], block="block", trial="trial",
+                                    categorical=["choice"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from torchem import EMModel
-from torchem.importance import _chi2, importance_sample
+from torchem.importance import importance_sample
+from torchem.priors import chi2_draws
 from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate
 from torchem.transforms import norm2alpha, norm2beta
 
@@ -67,7 +68,7 @@ def small_study():
 def test_chi2_draws_have_the_right_moments():
     gen = torch.Generator().manual_seed(0)
     for df in (0.8, 5.0, 12.5):
-        x = _chi2(300_000, df, gen, torch.float64)
+        x = chi2_draws(300_000, df, gen, torch.float64)
         assert float(x.mean()) == pytest.approx(df, rel=0.01)
         assert float(x.var()) == pytest.approx(2 * df, rel=0.03)
 

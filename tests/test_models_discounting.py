@@ -160,6 +160,7 @@ def test_recovery_200_subjects(name, thresholds):
         assert r[p] >= thr, (p, r)
 
 
+@pytest.mark.slow
 def test_identify_separates_the_four_social_discounting_models():
     sim0 = D.sd_hyp_k_fit.simulate(np.array([[0.05]]), seed=0)
     template = [[sim0[k][0] for k in D.sd_hyp_k_fit.inputs]]

@@ -237,6 +237,7 @@ def test_dataframe_path_equals_list_path(fit, columns):
     (rw4a1b_fit, {"beta": 0.75, "alpha_self_pos": 0.55, "alpha_self_neg": 0.55, "alpha_other_pos": 0.55,
                   "alpha_other_neg": 0.55}),
 ], ids=["rw3a1b", "rw4a1b"])
+@pytest.mark.slow
 def test_parameter_recovery(fit, thresholds):
     P = len(fit.param_names)
     rng = np.random.default_rng(11)

@@ -172,6 +172,7 @@ def test_sdt_recovery_200_subjects():
     assert r[0] >= 0.88 and r[1] >= 0.93, r
 
 
+@pytest.mark.slow
 def test_pt_recovery_200_subjects_150_gambles():
     # benchmarks/recovery_table.py (converged, 35 EM iterations): alpha 0.66, beta 0.69, lambda 0.69,
     # gamma 0.69, mu 0.81 (another seed: 131 iterations, 0.60, 0.72, 0.68, 0.77, 0.87).  Curvature, loss aversion and temperature trade off against each other in

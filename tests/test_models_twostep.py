@@ -205,6 +205,7 @@ def _draw(name, n, rng):
     return draw_params(name, n, rng)
 
 
+@pytest.mark.slow
 def test_hybrid_recovery_200_subjects_200_trials():
     # measured (converged, 35 EM iterations): beta1 0.86, beta2 0.94, alpha1 0.70, alpha2 0.93, lambda 0.69,
     # omega 0.72, rep 0.85
@@ -220,6 +221,7 @@ def test_hybrid_recovery_200_subjects_200_trials():
         assert r[name] >= 0.55, r
 
 
+@pytest.mark.slow
 def test_identify_separates_the_three_two_step_models():
     names = ["model_based", "sarsa_lambda", "hybrid_mbmf"]
     template = _ragged(0, [(0, 4)])
@@ -247,6 +249,7 @@ def test_identify_separates_the_three_two_step_models():
     # measured: beta1 0.90, beta2 0.92, alpha1 0.89, alpha2 0.92, lambda 0.85, rep 0.82
     ("sarsa_lambda", {"beta1": 0.8, "beta2": 0.8, "alpha1": 0.75, "alpha2": 0.8, "lambda": 0.7, "rep": 0.7}),
 ])
+@pytest.mark.slow
 def test_nested_model_recovery_200_subjects_200_trials(name, thresholds):
     true = _draw(name, 200, np.random.default_rng(2))
     model = EMModel(_ragged(0, [(0, 4)]), FITS[name], device="cpu")

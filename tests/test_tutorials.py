@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 EXPECTED = ["01_quickstart", "02_custom_model", "03_model_comparison", "04_real_data", "05_widgets", "06_gpu_scale",
-            "07_choice_models", "08_ddm"]
+            "07_choice_models", "08_ddm", "09_group_differences"]
 
 
 def test_every_tutorial_is_there_stripped_and_opens_with_the_install_cell():
@@ -24,6 +24,9 @@ def test_every_tutorial_is_there_stripped_and_opens_with_the_install_cell():
             f"{path.name} is stored with outputs; strip them (e.g. jupyter nbconvert --clear-output --inplace)"
         first = "".join(code[0]["source"])
         assert "import torchem" in first and "%pip install" in first, f"{path.name} must open with the install cell"
+        # torchem is on no package registry: the cell installs from the repository, and only where it is missing
+        assert '"torchem @ git+https://github.com/' in first, f"{path.name}: install from the repository"
+        assert first.index("import torchem") < first.index("except ImportError") < first.index("%pip install")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -17,10 +17,12 @@ from tqdm.auto import tqdm
 
 from . import evidence, plotting
 from .api import EMModel
+from .crossval import CVResult, compare_cv
 
 __all__ = ["ModelComparison"]
 
 _LME, _BIC, _R2 = "LME (largest is best)", "BICint (smallest is best)", "pseudoR^2 (largest is best)"
+_CV = "CV elpd (largest is best)"
 _BIC_OPTIONS = ("nsamples", "seed", "convention", "max_elements")
 
 
@@ -42,11 +44,18 @@ class ModelComparison:
     ----------
     models : sequence of EMModel
         Candidate models (fitted or not; :meth:`compare` fits the others).
-    names : sequence of str
-        One name per model.
+    names : sequence of str, optional
+        One name per model (pyEM's keyword ``model_names`` is accepted);
+        default ``Model_1``, ``Model_2``, ... as in pyEM.
     """
 
-    def __init__(self, models: Sequence[EMModel], names: Sequence[str]) -> None:
+    def __init__(self, models: Sequence[EMModel], names: Sequence[str] | None = None, *,
+                 model_names: Sequence[str] | None = None) -> None:
+        if names is not None and model_names is not None:
+            raise ValueError("give the names once: names or model_names")
+        names = model_names if names is None else names
+        if names is None:
+            names = [f"Model_{i + 1}" for i in range(len(models))]
         if len(models) != len(names):
             raise ValueError(f"{len(models)} models but {len(names)} names")
         if len(set(names)) != len(names):
@@ -54,6 +63,7 @@ class ModelComparison:
         self.models = list(models)
         self.names = list(names)
         self.bms_result: evidence.BMSResult | None = None
+        self.cv_results: dict[str, CVResult] = {}
         self.identify_df: pd.DataFrame | None = None
         self.identify_rounds: pd.DataFrame | None = None
 
@@ -72,8 +82,32 @@ class ModelComparison:
             raise ValueError(f"models were fitted to different numbers of subjects: {sorted(n)}")
         return pd.DataFrame(cols, index=pd.Index(ids, name="subject"))
 
+    def subject_cv(self, column: str = "elpd") -> pd.DataFrame:
+        """Per-subject held-out log predictive likelihood (``"elpd"``, or ``"map"``), subjects x models.
+
+        Needs :meth:`compare` with ``cv=...`` (or :meth:`cross_validate`) first.
+        """
+        if set(self.cv_results) != set(self.names):
+            raise RuntimeError("cross-validate the models first: compare(cv='blocks') or cross_validate()")
+        return pd.DataFrame({name: self.cv_results[name].subjects[column] for name in self.names})
+
+    def cross_validate(self, folds: str | int = "blocks", **kwargs) -> pd.DataFrame:
+        """Cross-validate every model (:meth:`EMModel.cross_validate`) and compare the held-out scores.
+
+        Returns
+        -------
+        DataFrame
+            :func:`torchem.crossval.compare_cv`: total held-out log predictive
+            likelihood, its SE, the difference to the best model and the
+            paired SE of that difference.  Results are kept in ``cv_results``.
+        """
+        self._fit_missing(kwargs.get("fit_kwargs"))
+        self.cv_results = {name: m.cross_validate(folds, **kwargs) for name, m in zip(self.names, self.models)}
+        return compare_cv(self.cv_results)
+
     def compare(self, bicint_kwargs: dict | None = None, r2_kwargs: dict | None = None,
-                bms_kwargs: dict | None = None, fit_kwargs: dict | None = None) -> pd.DataFrame:
+                bms_kwargs: dict | None = None, fit_kwargs: dict | None = None, cv: str | int | dict | None = None,
+                bms_evidence: str = "lme") -> pd.DataFrame:
         """Score every model; fit those not yet fitted.
 
         Parameters
@@ -88,6 +122,13 @@ class ModelComparison:
             Options of :func:`torchem.evidence.bms`.
         fit_kwargs : dict, optional
             Options for models fitted here.
+        cv : "blocks", int or dict, optional
+            Also cross-validate every model (``folds``, or a dict of
+            :meth:`EMModel.cross_validate` options) and add the held-out
+            columns.
+        bms_evidence : {"lme", "cv"}
+            Per-subject evidence for random-effects BMS: the Laplace
+            evidence, or the held-out log predictive likelihood (needs ``cv``).
 
         Returns
         -------
@@ -99,7 +140,14 @@ class ModelComparison:
             (expected frequency), ``xp`` (exceedance probability), ``pxp``
             (protected exceedance probability) and ``BOR`` (omnibus risk,
             the same for every row).  The BMS result is kept in ``bms_result``.
+            With ``cv``: ``CV elpd (largest is best)`` (summed held-out log
+            predictive likelihood), ``CV SE``, ``dCV`` (difference to the best
+            model) and ``dCV SE`` (paired SE over subjects).
         """
+        if bms_evidence not in ("lme", "cv"):
+            raise ValueError(f"bms_evidence must be 'lme' or 'cv', got {bms_evidence!r}")
+        if bms_evidence == "cv" and cv is None:
+            raise ValueError("bms_evidence='cv' needs cv=... (the held-out scores)")
         self._fit_missing(fit_kwargs)
         r2 = dict(r2_kwargs or {})
         bic = _bic_options(bicint_kwargs)
@@ -109,7 +157,15 @@ class ModelComparison:
         df["dLME"] = df[_LME] - df[_LME].max()
         df["dBICint"] = df[_BIC] - df[_BIC].min()
         df["dpseudoR^2"] = df[_R2] - df[_R2].max()
-        self.bms_result = evidence.bms(self.subject_lme().to_numpy(), **(bms_kwargs or {}))
+        if cv is not None:
+            opts = dict(cv) if isinstance(cv, dict) else {"folds": cv}
+            held = self.cross_validate(**opts)
+            df[_CV] = held["elpd"]
+            df["CV SE"] = held["se"]
+            df["dCV"] = held["d_elpd"]
+            df["dCV SE"] = held["d_se"]
+        per_subject = self.subject_cv() if bms_evidence == "cv" else self.subject_lme()
+        self.bms_result = evidence.bms(per_subject, **(bms_kwargs or {}))
         df["exp_r"] = self.bms_result.exp_r
         df["xp"] = self.bms_result.xp
         df["pxp"] = self.bms_result.pxp
@@ -135,7 +191,9 @@ class ModelComparison:
         normalized parameters are drawn from a standard normal and mapped
         through the model's transforms; every model is fitted to every
         simulated data set (each data set is built once and shared by the
-        fits) and scored by LME, integrated BIC and pseudo-R².
+        fits) and scored by LME, integrated BIC and pseudo-R².  A model
+        without data (``all_data=None``) takes the last round's data simulated
+        from itself and its fit to them.
 
         Parameters
         ----------
@@ -172,7 +230,7 @@ class ModelComparison:
         bic = {"nsamples": 1000, **_bic_options(bicint_kwargs)}
         r2 = dict(r2_kwargs or {})
         rng = np.random.default_rng(seed)
-        rows = []
+        rows, own = [], {}
         for rnd in tqdm(range(nrounds), desc="identify", disable=not verbose):
             for sim_name, sim_model in zip(self.names, self.models):
                 sampler = (param_samplers or {}).get(sim_name)
@@ -190,13 +248,12 @@ class ModelComparison:
                 all_data = [[sim[k][i] for k in keys] for i in range(nsubjects)]
                 batch = None
                 for est_name, est_model in zip(self.names, self.models):
-                    twin = EMModel(batch if batch is not None else all_data, est_model.model.fit_func,
-                                   est_model.param_names, est_model.model.param_xform, est_model.simulate_func,
-                                   per_subject=est_model.model.per_subject, input_names=keys,
-                                   device=est_model.device, dtype=est_model.dtype)
+                    twin = est_model.with_data(batch if batch is not None else all_data, input_names=keys)
                     batch = twin.batch  # validated and on the device: shared by the other fits
                     twin.fit(**{"verbose": 0, "seed": sim_seed, **(fit_kwargs or {})})
                     score = _score(twin, bic, int(r2.get("noptions", 2)), r2.get("metric", "median"))
+                    if est_name == sim_name:
+                        own[sim_name] = twin
                     rows.append({"round": rnd, "Simulated": sim_name, "Estimated": est_name, **score})
         per_round = pd.DataFrame(rows)
         grp = per_round.groupby(["round", "Simulated"])
@@ -210,6 +267,9 @@ class ModelComparison:
         for col in ("bestlme", "bestbic", "bestR2"):
             out[col] = out[col].astype(int)
         self.identify_rounds, self.identify_df = per_round, out
+        for name, m in zip(self.names, self.models):
+            if m.batch is None and name in own:
+                m._adopt(own[name])
         return out
 
     def plot_identifiability(self, metric: str = "LME", ax=None, cmap: str = "Blues"):

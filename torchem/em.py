@@ -1,24 +1,33 @@
 """The hierarchical EM loop (empirical Bayes with MAP E-steps) and its result.
 
-Each iteration:
+One EM step is four named parts:
 
-1. **E-step** -- every subject's MAP of the negative log posterior
-   ``NPL_i(x) = NLL_i(x) - log N(x; mu, Sigma)`` in one batched L-BFGS
-   (:func:`torchem.optim.minimize`), warm-started from the previous MAP;
-   subjects whose optimization fails are restarted from draws of the current
-   group distribution and the best point is kept.
-2. **Curvature** -- exact Hessians of the NPL at the MAPs from ``torch.func``
-   (:func:`torchem.curvature.batched_hessian`), inverted by Cholesky; a
-   Hessian that is not positive definite is flagged and replaced by the
-   group covariance.
-3. **M-step** -- the group Gaussian is re-estimated from the MAPs and inverse
-   Hessians (:meth:`torchem.groups.GaussianGroup.mstep`).
+1. **E-step** (:mod:`torchem.estep`): every subject's posterior moments
+   under the current group distribution (MAP by batched L-BFGS, exact
+   Hessian by ``torch.func``; or importance-sampled moments).
+2. **M-step** (:mod:`torchem.groups`): the group family re-estimated from
+   those moments.
+3. **Convergence** (:mod:`torchem.convergence`): the stopping rule judges the
+   step.
+4. **Record**: one history row, the callback, the progress bar.
 
-EM stops when the summed NPL changes by less than ``convergence_crit``.
+Plain EM converges linearly, slowly when a group variance is small next to
+the subjects' posterior uncertainty.  By default the group hyperparameters
+are extrapolated with SQUAREM (Varadhan & Roland 2008): from group ``a``, two
+EM steps give ``b`` and ``c``; with ``r = b - a`` and ``v = c - b - r`` (in
+the family's unconstrained coordinates, :meth:`~torchem.groups.GroupFamily.to_vector`)
+and ``alpha = -|r| / |v|`` (at most -1), the next group is
+``a - 2 alpha r + alpha^2 v``, with ``|alpha|`` bounded by a step limit that
+grows 4x after each extrapolation that reached it and shrinks 4x after a
+rejection.  The E-step there is kept only if the summed Laplace log evidence
+is not below its value at ``a`` (the monotonicity safeguard); otherwise EM
+goes on from ``c``.  Every E-step counts towards
+``mstep_maxit``.  The fixed point is the one plain EM reaches.
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,34 +37,44 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .curvature import batched_hessian, cap_posterior_width, invert_pd
+from .convergence import EMStep, GroupRule, group_change, make_rule
+from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
-from .groups import GaussianGroup, make_group
-from .importance import ImportanceResult, importance_sample, pairs_per_call
+from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
+from .checkpoint import load_checkpoint, save_checkpoint
+from .groups import GroupFamily, make_group
+from .importance import ImportanceResult
 from .model import Model
-from .optim import minimize
+from .options import FitOptions
+from .priors import Prior
 
-__all__ = ["FitResult", "IterationState", "run_em", "neg_log_posterior"]
+__all__ = ["FitResult", "IterationState", "EMRun", "EMState", "run_em"]
+
+
+#: torch's intra-op thread count when torchem was imported (a different count later was set by the user).
+_TORCH_THREADS = torch.get_num_threads()
+#: Trial cells per E-step below which a CPU fit runs on one thread (``num_threads=None``).
+SMALL_BATCH_CELLS = 10**6
 
 
 @dataclass
 class IterationState:
-    """What the ``callback`` of :func:`run_em` receives after every EM iteration.
+    """What the ``callback`` of :func:`run_em` receives after every E-step.
 
     Attributes
     ----------
     iteration : int
-        1-based iteration number.
+        1-based E-step count.
     max_iterations : int
         ``mstep_maxit``.
     npl : float
         Summed negative log posterior of this E-step.
     mu, sigma : ndarray
-        ``(P,)`` group mean and variance after this M-step (normalized space).
+        ``(P,)`` group mean and variance after this step's M-step (normalized space).
     n_estep_failed, n_hessian_bad : int
-        Subjects whose optimization failed / whose Hessian was not positive definite.
+        Subjects whose MAP search did not converge / whose Hessian was not positive definite.
     converged : bool
-        Whether this iteration met the convergence criterion.
+        Whether the stopping rule was met here.
     """
 
     iteration: int
@@ -70,7 +89,7 @@ class IterationState:
 
 @dataclass
 class FitResult:
-    """A fitted hierarchical model.  Tensors keep the fit's device and dtype.
+    """A fitted hierarchical (or individual) model.  Tensors keep the fit's device and dtype.
 
     Attributes
     ----------
@@ -78,58 +97,57 @@ class FitResult:
         ``(S, P)`` per-subject MAP in normalized space.
     inv_h : Tensor
         ``(S, P, P)`` inverse Hessians of the negative log posterior at ``m``
-        (exact, except where ``laplace_capped``).
-    posterior_mu : Tensor
-        ``(P,)`` group mean (normalized space).
-    posterior_sigma : Tensor
-        ``(P,)`` group variances (normalized space).
-    posterior_cov : Tensor
-        ``(P, P)`` group covariance (diagonal unless ``group="full"``).
+        (exact, except where ``laplace_capped`` or not ``hessian_ok``).
+    group : GroupFamily or None
+        The fitted group distribution (``None`` for individual fits without a prior).
     NPL, NLPrior, NLL : Tensor
         ``(S,)`` negative log posterior, negative log prior, negative log-likelihood at ``m``.
     hess_logdet : Tensor
-        ``(S,)`` log-determinant of each Hessian (used for the Laplace evidence).
+        ``(S,)`` log-determinant of each Hessian (the Laplace evidence).
     hessian_ok : Tensor
-        ``(S,)`` bool, Hessian finite and positive definite.
+        ``(S,)`` bool, Hessian finite and positive definite (else the group
+        spread stood in for its inverse).
     laplace_capped : Tensor
-        ``(S,)`` bool, the exact Hessian implied a Laplace posterior more
-        than ``laplace_cap`` times wider (in variance) than the group prior
-        along some direction; that direction's curvature was raised to the
-        cap (:func:`torchem.curvature.cap_posterior_width`).
-    estep_success : Tensor
-        ``(S,)`` bool, the last E-step converged for the subject.
+        ``(S,)`` bool, the Laplace posterior was capped at ``laplace_cap``
+        times the group's width along some direction.
+    status : Tensor
+        ``(S,)`` ``int8`` :class:`~torchem.estep.SubjectStatus` of the last MAP search.
     n_obs : Tensor
         ``(S,)`` observations (unmasked trials) per subject.
     convergence : bool
-        EM met ``convergence_crit`` before ``mstep_maxit``.
+        The stopping rule was met before ``mstep_maxit``.
     n_iter : int
-        EM iterations run.
+        E-steps run.
     history : DataFrame
-        One row per iteration: ``iteration``, ``NPL``, ``mu[name]``, ``sigma[name]``,
-        ``estep_failed``, ``hessian_bad``.
-    param_names : list of str
-    subject_ids : list
-    stopped : bool
-        The callback asked to stop before convergence.
+        One row per E-step: ``iteration``, ``step`` (``"em"``, ``"extrapolated"``,
+        ``"importance"``), ``NPL``, ``LME``, ``mu[name]``, ``sigma[name]``
+        (group variances), failures, ``rule`` (the stopping rule's reading).
+    param_names, subject_ids : list
+    stop_reason : str
+        Which rule stopped the fit, or why it ended without converging.
+    warnings : list of str
+        Every warning raised by the fit (also issued as ``RuntimeWarning``).
+    options : FitOptions
+        The options of the fit.
     estep : str
-        ``"laplace"`` or ``"importance"``: which E-step fed the M-step.
+        ``"laplace"``, ``"importance"`` or ``"individual"``.
     importance : ImportanceResult or None
-        With ``estep="importance"``: the final iteration's per-subject
-        posterior means, covariances, effective sample sizes and evidence.
+        With ``estep="importance"``: the final iteration's importance summaries.
+    estep_prior : Prior or None
+        The group distribution the final E-step used (``NPL`` and ``inv_h`` are
+        under it; ``group`` is the M-step after it).
     """
 
     m: torch.Tensor
     inv_h: torch.Tensor
-    posterior_mu: torch.Tensor
-    posterior_sigma: torch.Tensor
-    posterior_cov: torch.Tensor
+    group: GroupFamily | Prior | None
     NPL: torch.Tensor
     NLPrior: torch.Tensor
     NLL: torch.Tensor
     hess_logdet: torch.Tensor
     hessian_ok: torch.Tensor
     laplace_capped: torch.Tensor
-    estep_success: torch.Tensor
+    status: torch.Tensor
     n_obs: torch.Tensor
     convergence: bool
     n_iter: int
@@ -137,11 +155,15 @@ class FitResult:
     param_names: list
     subject_ids: list
     param_xform: list = field(default_factory=list, repr=False)
-    group: str = "diag"
+    stop_reason: str = ""
+    warnings: list = field(default_factory=list)
+    options: FitOptions | None = field(default=None, repr=False)
     estep: str = "laplace"
     stopped: bool = False
     importance: ImportanceResult | None = field(default=None, repr=False)
+    estep_prior: Prior | None = field(default=None, repr=False)
 
+    # -------------------------------------------------------------- views
     @property
     def n_subjects(self) -> int:
         return int(self.m.shape[0])
@@ -149,6 +171,36 @@ class FitResult:
     @property
     def n_params(self) -> int:
         return int(self.m.shape[1])
+
+    @property
+    def estep_success(self) -> torch.Tensor:
+        """``(S,)`` bool: the last MAP search converged (directly or after a restart)."""
+        return self.status <= SubjectStatus.RECOVERED
+
+    @property
+    def posterior_mu(self) -> torch.Tensor:
+        """``(P,)`` group location (mean where it exists), normalized space."""
+        return self.group.mean
+
+    @property
+    def posterior_var(self) -> torch.Tensor:
+        """``(P,)`` group variances, normalized space (Cauchy: pyEM's stand-in ``100 scale^2``)."""
+        return self.group.var
+
+    @property
+    def posterior_sigma(self) -> torch.Tensor:
+        """pyEM's name for :attr:`posterior_var` (it holds variances)."""
+        return self.posterior_var
+
+    @property
+    def posterior_cov(self) -> torch.Tensor:
+        """``(P, P)`` group covariance (diagonal unless the group is a full Gaussian)."""
+        return self.group.cov
+
+    @property
+    def group_name(self) -> str:
+        """The group family's name (``"gaussian"``, ``"laplace"``, ...; ``"none"`` for individual fits)."""
+        return getattr(self.group, "name", "none" if self.group is None else type(self.group).__name__)
 
     def natural_params(self) -> torch.Tensor:
         """``(S, P)`` MAP parameters in natural space."""
@@ -160,126 +212,529 @@ class FitResult:
         return pd.DataFrame(values, columns=self.param_names,
                             index=pd.Index(self.subject_ids, name="subject"))
 
+    def standard_errors(self) -> pd.DataFrame:
+        """Per-subject posterior standard deviations ``sqrt(diag H^-1)`` (normalized) and their
+        delta-method natural-space counterparts (columns ``se[name]`` and ``se_natural[name]``)."""
+        se = self.inv_h.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        x = self.m.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            nat = torch.stack([t(x[:, j]) for j, t in enumerate(self.param_xform)], -1)
+            (slope,) = torch.autograd.grad(nat.sum(), x)
+        cols = {f"se[{n}]": se[:, j].cpu().numpy() for j, n in enumerate(self.param_names)}
+        cols.update({f"se_natural[{n}]": (se[:, j] * slope[:, j].abs()).detach().cpu().numpy()
+                     for j, n in enumerate(self.param_names)})
+        return pd.DataFrame(cols, index=pd.Index(self.subject_ids, name="subject"))
+
+    def group_coefficients(self, level: float = 0.95) -> pd.DataFrame:
+        """Coefficients of the covariates in the group prior, with inference (a fit with ``covariates=``).
+
+        One row per parameter x covariate (normalized space): ``estimate``,
+        ``se`` (from the observed information of the marginal likelihood,
+        Louis' method with the E-step moments: the uncertainty of every
+        subject's parameters is included), ``z``, two-sided ``p`` and the
+        ``level`` confidence interval (:func:`torchem.covariates.coefficient_table`).
+        """
+        return coefficient_table(self, level)
+
     def group_df(self) -> pd.DataFrame:
-        """Group mean and standard deviation per parameter (normalized space)."""
-        return pd.DataFrame(
-            {"mu": self.posterior_mu.cpu().numpy(), "sd": self.posterior_sigma.sqrt().cpu().numpy()},
-            index=pd.Index(self.param_names, name="parameter"),
-        )
+        """Group location, standard deviation (normalized) and the location mapped to natural space."""
+        if self.group is None:
+            raise ValueError("an individual fit without a prior has no group distribution")
+        mu = self.posterior_mu.detach()
+        natural = [float(t(v)) for t, v in zip(self.param_xform, mu.cpu())]
+        df = pd.DataFrame({"mu": mu.cpu().numpy(), "sd": self.posterior_var.sqrt().cpu().numpy(),
+                           "mu (natural)": natural}, index=pd.Index(self.param_names, name="parameter"))
+        for k, v in self.group.hyper().items():
+            if k not in ("mu", "sd") and v.numel() == self.n_params:
+                df[k] = v.detach().cpu().numpy()
+        return df
+
+    def subject_table(self) -> pd.DataFrame:
+        """Per-subject results: natural MAPs, NLL, NPL, Laplace log evidence and flags (CLI, dashboard)."""
+        from .evidence import laplace_lme
+
+        df = self.params_df()
+        df["NLL"] = self.NLL.detach().cpu().numpy()
+        df["NPL"] = self.NPL.detach().cpu().numpy()
+        df["LME (Laplace)"] = laplace_lme(self.NPL, self.hess_logdet, self.n_params).detach().cpu().numpy()
+        df["status"] = [SubjectStatus(int(s)).name.lower() for s in self.status.cpu()]
+        df["hessian_ok"] = self.hessian_ok.cpu().numpy()
+        df["laplace_capped"] = self.laplace_capped.cpu().numpy()
+        return df
+
+    def summary(self) -> dict[str, Any]:
+        """The fit in a few numbers (plain Python values): sizes, convergence, group, NPL, LME, flags, warnings."""
+        from .evidence import laplace_lme, total_lme
+
+        lap = laplace_lme(self.NPL, self.hess_logdet, self.n_params)
+        out = {
+            "subjects": self.n_subjects,
+            "parameters": list(self.param_names),
+            "group": self.group_name,
+            "converged": bool(self.convergence),
+            "stopped": bool(self.stopped),
+            "stop_reason": self.stop_reason,
+            "em_iterations": self.n_iter,
+            "NPL": float(self.NPL.sum()),
+            "LME": total_lme(lap, self.n_params),
+            "estep_failed": int((~self.estep_success).sum()),
+            "hessian_not_pd": int((~self.hessian_ok).sum()),
+            "laplace_capped": int(self.laplace_capped.sum()),
+            "warnings": list(self.warnings),
+        }
+        if self.group is not None:
+            g = self.group_df()
+            out["group_mu_normalized"] = g["mu"].tolist()
+            out["group_var_normalized"] = self.posterior_var.cpu().tolist()
+            out["group_mu_natural"] = g["mu (natural)"].tolist()
+        return out
+
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write the result to ``path``: tensors in a torch file, names, options and history as JSON text.
+
+        Group families are stored by :meth:`~torchem.groups.GroupFamily.state_dict`, transforms by the name
+        of the built-in transform (a custom one must be given again to :meth:`load`).
+        """
+        from .saving import save_result
+
+        save_result(self, path)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", *, map_location: Any = "cpu",
+             param_xform: list | None = None) -> "FitResult":
+        """Read a result written by :meth:`save` (on the CPU by default, whatever device wrote it).
+
+        ``torch.load(..., weights_only=True)`` reads it: no pickled code runs, and a foreign or damaged
+        file raises ``ValueError``.  ``param_xform`` replaces the saved transforms (needed for custom ones).
+        """
+        from .saving import load_result
+
+        return load_result(path, map_location=map_location, param_xform=param_xform)
 
     def __repr__(self) -> str:
-        mu = ", ".join(f"{n}={v:.3f}" for n, v in zip(self.param_names, self.posterior_mu.tolist()))
-        sd = ", ".join(f"{n}={v:.3f}" for n, v in zip(self.param_names, self.posterior_sigma.sqrt().tolist()))
         state = "converged" if self.convergence else ("stopped" if self.stopped else "not converged")
-        return (
-            f"FitResult({self.n_subjects} subjects, {self.n_params} parameters, {state} after "
-            f"{self.n_iter} iterations, NPL={float(self.NPL.sum()):.4f}; group mean [{mu}], "
-            f"group sd [{sd}] (normalized); E-step failures {int((~self.estep_success).sum())}, "
-            f"non-PD Hessians {int((~self.hessian_ok).sum())})"
+        text = (f"FitResult({self.n_subjects} subjects, {self.n_params} parameters, {state} after {self.n_iter} "
+                f"iterations, {self.group_name} group, NPL={float(self.NPL.sum()):.4f}")
+        if self.group is not None:
+            mu = ", ".join(f"{n}={v:.3f}" for n, v in zip(self.param_names, self.posterior_mu.tolist()))
+            sd = ", ".join(f"{n}={v:.3f}" for n, v in zip(self.param_names, self.posterior_var.sqrt().tolist()))
+            text += f"; group mean [{mu}], group sd [{sd}] (normalized)"
+        return (text + f"; E-step failures {int((~self.estep_success).sum())}, "
+                f"non-PD Hessians {int((~self.hessian_ok).sum())}, warnings {len(self.warnings)})")
+
+
+@dataclass
+class EMState:
+    """What the EM loop carries from one cycle to the next (what a checkpoint saves besides the E-step's state).
+
+    ``a``: the group of the last kept E-step ``post_a``; ``b``: the M-step after it (the next E-step's
+    group); ``alpha_max``: SQUAREM's step bound; ``rule``: the stopping rule and its memory.
+    """
+
+    a: Prior
+    post_a: PosteriorMoments
+    b: Prior
+    alpha_max: float
+    rule: Any
+
+
+def _lme_sum(post: PosteriorMoments) -> float:
+    return float(post.log_evidence.sum())
+
+
+class EMRun:
+    """One EM fit, step by step; :meth:`run` returns the :class:`FitResult`.
+
+    If the fit raises partway (an error in the model, ``KeyboardInterrupt``),
+    :meth:`partial_result` gives the last completed E-step's result, marked
+    ``stopped``.
+    """
+
+    def __init__(self, model: Model, batch: SubjectBatch, options: FitOptions, *, verbose: int = 1,
+                 callback: Callable[[IterationState], Any] | None = None) -> None:
+        self.model, self.batch, self.opts = model, batch, options
+        self.callback, self.verbose = callback, verbose
+        S, P = batch.n_subjects, model.n_params
+        self.dtype = next((t.dtype for t in batch.data if t.is_floating_point()), torch.float64)
+        self.device = batch.device
+        self.generator = torch.Generator()
+        if options.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(options.seed))
+        self.family = make_group(options.group, P, dtype=self.dtype, device=self.device, var=options.init_var,
+                                 df=options.df)
+        if options.covariates is not None:  # the group mean follows the subjects' covariates
+            self.family = covariate_group(self.family, options.covariates, options.formula, batch.subject_ids,
+                                          model.param_names, dtype=self.dtype, device=self.device,
+                                          var=options.init_var)
+        start = options.starting_prior(P)
+        self.prior: Prior = self.family if start is None else start.to(self.device, self.dtype)
+        x0 = 0.1 * torch.randn(S, P, generator=self.generator, dtype=self.dtype).to(self.device)
+        if start is not None:
+            x0 = self.prior.start(S, self.generator)
+        self.laplace = LaplaceEStep(model, batch, x0, generator=self.generator, max_restarts=options.max_restarts,
+                                    estep_maxit=options.estep_maxit, gtol=options.gtol,
+                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap)
+        self.all_idx = torch.arange(S, device=self.device)
+        self.chunk_size = (auto_chunk_size(batch, P, self.dtype) if options.chunk_size == "auto"
+                           else options.chunk_size)
+        self.rows: list[dict] = []
+        self.warnings: list[str] = []
+        self.last: tuple[PosteriorMoments, Prior] | None = None  # last E-step and the group after its M-step
+        self.converged = self.stopped = False
+        self.stop_reason = ""
+        self.estep_kind = "laplace"
+        self.bar = None
+        self._probed: dict[int, int] = {}
+        self._mstep_ok = True
+
+    # ---------------------------------------------------------- named steps
+    def estep(self, prior: Prior, step: str, nsamples: int | None = None,
+              importance: ImportanceEStep | None = None) -> PosteriorMoments:
+        """E-step of every subject under ``prior`` (counted towards ``mstep_maxit``)."""
+        self.laplace.step = len(self.rows)  # seeds the restarts' draws of this E-step
+        if importance is not None:
+            return run_in_chunks(lambda idx: importance.run(idx, prior, nsamples), self.all_idx, self.chunk_size)
+        return run_in_chunks(lambda idx: self.laplace.run(idx, prior), self.all_idx, self.chunk_size)
+
+    def mstep(self, post: PosteriorMoments, current: Prior) -> Prior:
+        """The family re-estimated from ``post``; an invalid M-step keeps ``current`` (with a warning)."""
+        new, info = self.family.mstep(post.m, post.V)
+        self._mstep_ok = info.converged
+        if not info.converged:
+            self._warn(info.message)
+        new = self._newton_locations(new)
+        if not new.valid():
+            self._warn(f"the {self.family.name} M-step gave non-finite or non-positive hyperparameters at "
+                       f"E-step {len(self.rows)}; the previous group was kept")
+            return current
+        return new
+
+    def _newton_locations(self, group: GroupFamily) -> GroupFamily:
+        """Move the location of every parameter whose group variance sits at the floor by a Newton step.
+
+        With a variance of ~0 every subject's posterior mean equals the group
+        location, so the EM update of the location (the mean of the posterior
+        means) no longer moves it.  The marginal likelihood still has a
+        gradient there, ``-sum_i g_ij`` (``g`` the likelihood gradients at the
+        MAPs), with curvature ``sum_i h_ijj``: one Newton step per M-step
+        moves the shared value to the likelihood's optimum.
+        """
+        lik = self.laplace.lik
+        if lik is None or not isinstance(group, GroupFamily):
+            return group
+        flat = (group.spread.diagonal() <= 1e-6).nonzero().squeeze(1)
+        if flat.numel() == 0:
+            return group
+        g = lik[1][:, flat].sum(0)
+        h = lik[2][:, flat, flat].sum(0)
+        step = torch.where(h > 0, g / h.clamp_min(1e-300), torch.zeros_like(g)).clamp(-1.0, 1.0)
+        v = group.to_vector().clone()
+        v[flat] = v[flat] - step
+        return group.from_vector(v)
+
+    def record(self, post: PosteriorMoments, prior: Prior, group: Prior, step: str, rule_text: str = "",
+               extra: dict | None = None) -> bool:
+        """History row, progress bar and callback for one E-step; ``False`` if the callback asked to stop."""
+        names = self.model.param_names
+        row = {"iteration": len(self.rows) + 1, "step": step,
+               "estep": "importance" if post.importance is not None else "laplace", "NPL": float(post.npl.sum()),
+               "LME": _lme_sum(post)}
+        row.update({f"mu[{n}]": v for n, v in zip(names, group.mean.tolist())})
+        row.update({f"sigma[{n}]": v for n, v in zip(names, group.var.tolist())})
+        row.update({"estep_failed": int((~post.estep_success).sum()), "hessian_bad": int((~post.hessian_ok).sum()),
+                    "laplace_capped": int(post.capped.sum()), "mstep_converged": self._mstep_ok, "rule": rule_text})
+        if extra:
+            row.update(extra)
+        self.rows.append(row)
+        self.last = (post, group, prior)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(NPL=f"{row['NPL']:.4f}")
+        if self.callback is not None:
+            state = IterationState(row["iteration"], self.opts.mstep_maxit, row["NPL"], group.mean.cpu().numpy(),
+                                   group.var.cpu().numpy(), row["estep_failed"], row["hessian_bad"], self.converged)
+            if self.callback(state) is False and not self.converged:
+                self.stopped = True
+                self.stop_reason = f"stopped by the callback after E-step {row['iteration']}"
+                return False
+        return True
+
+    def _budget_left(self) -> bool:
+        return len(self.rows) < self.opts.mstep_maxit
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        warnings.warn(text, RuntimeWarning, stacklevel=5)
+
+    # ------------------------------------------------------------ phases
+    def _laplace_phase(self) -> None:
+        """EM with Laplace E-steps until the stopping rule is met (plain or SQUAREM-accelerated)."""
+        rule = make_rule(self.opts)
+        accelerate = self.opts.accelerate == "squarem"
+        if self.opts.resume is not None:
+            state = load_checkpoint(self, self.opts.resume, rule)
+            a, post_a, b, alpha_max = state.a, state.post_a, state.b, state.alpha_max
+            if self.bar is not None:
+                self.bar.update(len(self.rows))
+        else:
+            a = self.prior
+            post_a = self.estep(a, "em")
+            b = self.mstep(post_a, a)
+            if not self.record(post_a, a, b, "em"):
+                return
+            alpha_max = 1.0
+        saved_at = len(self.rows)
+        while self._budget_left():
+            if self.opts.checkpoint is not None and len(self.rows) - saved_at >= self.opts.checkpoint_every:
+                if self._checkpoint(EMState(a, post_a, b, alpha_max, rule)):
+                    saved_at = len(self.rows)
+            post_b = self.estep(b, "em")
+            c = self.mstep(post_b, b)
+            text = ""
+            if isinstance(a, GroupFamily):
+                self.converged, text = rule.update(EMStep(post_a.npl, post_b.npl, _lme_sum(post_a), _lme_sum(post_b),
+                                                          a, b, c))
+            if not self.record(post_b, b, c, "em", text) or self.converged:
+                if self.converged:
+                    self.stop_reason = f"{rule.name} rule met: {text}"
+                return
+            if not (accelerate and isinstance(a, GroupFamily) and self._budget_left()):
+                a, post_a, b = b, post_b, c
+                continue
+            probe = self._collapse_probe(a, b, c, post_b)
+            if probe is not None:
+                if probe is False:
+                    return
+                a, post_a, b = probe
+                continue
+            # SQUAREM: extrapolate along the two EM steps a -> b -> c (only where EM is slow: with a fast
+            # linear rate the gain is small and the extrapolation mostly amplifies optimizer noise)
+            va, vb, vc = a.to_vector(), b.to_vector(), c.to_vector()
+            r, v = vb - va, vc - 2 * vb + va
+            if float((vc - vb).norm()) < 0.8 * float(r.norm()):
+                a, post_a, b = b, post_b, c
+                continue
+            nv = float(v.norm())
+            alpha = -float(r.norm()) / nv if nv > 0 else -1.0
+            alpha = max(min(alpha, -1.0), -alpha_max)
+            hit = alpha == -alpha_max  # the step bound was reached: allow 4x longer steps after a success
+            theta = self.family.from_vector(va - 2 * alpha * r + alpha * alpha * v)
+            if alpha == -1.0 or not theta.valid():  # the extrapolation is c itself: a plain EM step
+                alpha_max = alpha_max * 4.0 if hit else alpha_max
+                a, post_a, b = b, post_b, c
+                continue
+            post_t = self.estep(theta, "extrapolated")
+            # Varadhan & Roland's safeguard: the extrapolated point must not be worse than the cycle's start
+            ok = (bool(torch.isfinite(post_t.npl).all())
+                  and _lme_sum(post_t) >= _lme_sum(post_a) - self.opts.convergence_crit)
+            t_next = self.mstep(post_t, theta)
+            if not self.record(post_t, theta, t_next, "extrapolated" if ok else "rejected",
+                               extra={"alpha": alpha}):
+                return
+            if ok:
+                alpha_max = alpha_max * 4.0 if hit else alpha_max
+                a, post_a, b = theta, post_t, t_next
+            else:  # safeguard: go on from the plain EM point c
+                alpha_max = max(1.0, alpha_max / 4.0)
+                a, b = c, None
+                if not self._budget_left():
+                    return
+                post_a = self.estep(a, "em")
+                b = self.mstep(post_a, a)
+                if not self.record(post_a, a, b, "em"):
+                    return
+        self.stop_reason = (f"mstep_maxit ({self.opts.mstep_maxit}) E-steps reached before the {rule.name} rule "
+                            f"was met (last reading: {self.rows[-1]['rule'] or 'none'})")
+
+    def _checkpoint(self, state: "EMState") -> bool:
+        """Save ``state`` to the checkpoint file; ``False`` (nothing saved) while a group is not a family yet."""
+        _, group, prior = self.last
+        if not all(isinstance(g, GroupFamily) for g in (state.a, state.b, group, prior)):
+            return False
+        save_checkpoint(self, state, self.opts.checkpoint)
+        return True
+
+    def _collapse_probe(self, a: GroupFamily, b: GroupFamily, c: GroupFamily, post_b: PosteriorMoments):
+        """Try a shrinking group variance at its floor: EM creeps towards a variance of 0 sublinearly.
+
+        When a variance has fallen over the last two EM steps to below 0.05
+        (normalized space), the E-step is run once with that variance at the
+        floor (1e-8; float64 fits only).  If the summed Laplace log evidence
+        there is not lower than at ``b`` and no subject's MAP search failed,
+        the data prefer the boundary and EM goes on from it;
+        otherwise the probe is recorded as rejected and not repeated for
+        that parameter for 20 E-steps.  Returns the new ``(a, post_a, b)``,
+        ``None`` when nothing was tried or the probe failed, ``False`` when
+        the callback asked to stop.
+        """
+        if self.dtype != torch.float64:  # a variance of 1e-8 is below what float32 E-steps can resolve
+            return None
+        va, vb, vc = (g.spread.diagonal() for g in (a, b, c))
+        cand = ((vc < vb) & (vb < va) & (vc < 0.05) & (vc > 1e-6)).nonzero().squeeze(1).tolist()
+        n = len(self.rows)
+        cand = [j for j in cand if n - self._probed.get(j, -10**9) >= 20]
+        if not cand or not self._budget_left():
+            return None
+        j = cand[0]
+        self._probed[j] = n
+        trial = c.collapse(j)
+        post_t = self.estep(trial, "collapse probe")
+        ok = (bool(torch.isfinite(post_t.npl).all()) and _lme_sum(post_t) >= _lme_sum(post_b)
+              and not bool((post_t.status == SubjectStatus.FAILED).any()))
+        t_next = self.mstep(post_t, trial)
+        name = self.model.param_names[j]
+        if not self.record(post_t, trial, t_next, "collapse" if ok else "rejected",
+                           f"group variance of {name} at the floor: {'kept' if ok else 'rejected'}"):
+            return False
+        return (trial, post_t, t_next) if ok else None
+
+    def _importance_phase(self) -> None:
+        """Importance E-steps from the converged Laplace solution, then one final, larger sample."""
+        o = self.opts
+        crn = (0 if o.seed is None else int(o.seed)) + 7919  # common random numbers for every iteration
+        imp = ImportanceEStep(self.laplace, seed=crn, nsamples=o.nsamples, proposal_df=o.proposal_df,
+                              min_ess=o.min_ess)
+        rule = GroupRule(o.group_tol, 3)
+        laplace_converged = self.converged
+        self.converged = False
+        group = self.last[1]
+        final = 4 * o.nsamples if o.final_nsamples is None else o.final_nsamples
+        run_more = laplace_converged
+        while run_more and self._budget_left():
+            post = self.estep(group, "importance", importance=imp)
+            new = self.mstep(post, group)
+            self.converged, text = rule.update(EMStep(post.npl, post.npl, 0.0, 0.0, group, new, new))
+            extra = {"nsamples": o.nsamples, "ess_min": float(post.importance.ess.min())}
+            if not self.record(post, group, new, "importance", text, extra):
+                return
+            group = new
+            if self.converged:
+                break
+        post = self.estep(group, "importance", nsamples=final, importance=imp)
+        new = self.mstep(post, group)
+        self.record(post, group, new, "importance", "final, larger sample", {"nsamples": final,
+                                                                      "ess_min": float(post.importance.ess.min())})
+        if self.converged:
+            self.stop_reason = f"group rule met by the importance E-step ({rule.changes[-1]:.3g} < {o.group_tol:g})"
+        elif laplace_converged:
+            self.stop_reason = "mstep_maxit reached during the importance E-steps"
+        low = post.importance.ess < o.min_ess
+        if bool(low.any()):
+            self._warn(f"{int(low.sum())} subject(s) kept an effective sample size below {o.min_ess:g} after "
+                       "redrawing (see result.importance.ess); raise nsamples")
+
+    # ----------------------------------------------------------------- run
+    def threads(self) -> int:
+        """Intra-op threads for this fit (see the ``num_threads`` option); the current count where it is kept."""
+        current = torch.get_num_threads()
+        if self.opts.num_threads is not None:
+            return self.opts.num_threads
+        user_set = (current != _TORCH_THREADS or any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")))
+        if self.device.type != "cpu" or user_set:
+            return current
+        chunk = self.batch.n_subjects if self.chunk_size is None else min(self.chunk_size, self.batch.n_subjects)
+        cells = chunk * int(self.batch.mask[0].numel())
+        # measured on 2 shared cores: a 100- or 1,000-subject fit (96 trials) ran 3-14x faster on one thread than on
+        # two while other processes used the cores (benchmarks/bench_threads.py)
+        return 1 if cells < SMALL_BATCH_CELLS else current
+
+    def run(self) -> FitResult:
+        """Fit; the result is also :meth:`partial_result` afterwards."""
+        before, threads = torch.get_num_threads(), self.threads()
+        if threads != before:
+            torch.set_num_threads(threads)
+        try:
+            return self._run()
+        finally:
+            if threads != before:
+                torch.set_num_threads(before)
+
+    def _run(self) -> FitResult:
+        self.bar = tqdm(total=self.opts.mstep_maxit, desc=f"EM ({self.opts.estep})", disable=not self.verbose,
+                        leave=True)
+        try:
+            self._laplace_phase()
+            if self.opts.estep == "importance" and not self.stopped:
+                self.estep_kind = "importance"
+                self._importance_phase()
+        finally:
+            self.bar.close()
+        self._final_warnings()
+        return self.partial_result()
+
+    def _final_warnings(self) -> None:
+        post, group, _ = self.last
+        o = self.opts
+        if not self.converged and not self.stopped:
+            self._warn(f"EM did not converge: {self.stop_reason}. Try a larger mstep_maxit, "
+                       "convergence='group', or check the group variances in result.history")
+        n_bad = int((~post.hessian_ok).sum())
+        if n_bad:
+            self._warn(f"{n_bad} subject(s) had a Hessian that is not positive definite at the final MAP; their "
+                       "inverse Hessian was replaced by the group spread (see hessian_ok)")
+        failed = int((post.status == SubjectStatus.FAILED).sum())
+        stalled = int((post.status == SubjectStatus.STALLED).sum())
+        if failed or stalled:
+            self._warn(f"{failed + stalled} subject(s) did not converge in the final E-step ({failed} failed after "
+                       f"restarts, {stalled} stalled on a kink); their best point was kept (see status)")
+        S = self.batch.n_subjects
+        if S < 5:
+            self._warn(f"only {S} subject(s): the group distribution is poorly determined; consider "
+                       "fit_individual() or a fixed prior")
+        if isinstance(group, GroupFamily):
+            small = (group.var < 1e-3).nonzero().squeeze(1).tolist()
+            if small:
+                names = ", ".join(self.model.param_names[j] for j in small)
+                self._warn(f"the group variance of {names} collapsed towards 0 (< 1e-3): every subject is "
+                           "shrunk to the group mean; the parameter may be unidentified in these data")
+        nll = post.npl - post.nlprior
+        if self._discrete_responses() and float((nll < 0).double().mean()) > 0.5:
+            self._warn("the negative log-likelihood is negative for most subjects although the model's choices "
+                       "are discrete (a probability cannot exceed 1): check the sign of the model's output")
+        del o
+
+    def _discrete_responses(self) -> bool:
+        """Whether the model's responses are discrete choices, whose likelihood cannot exceed 1.
+
+        Library models declare it (a response field that is categorical);
+        for a custom model without declarations, any integer-valued data field
+        with at most 10 distinct values is taken as a choice.
+        """
+        fit_func = self.model.fit_func
+        responses = getattr(fit_func, "responses", None)
+        if responses:
+            categorical = {c for group in getattr(fit_func, "categorical", ()) for c in group}
+            return bool(set(responses) & categorical)
+        if getattr(fit_func, "param_names", None):  # a library model without choices
+            return False
+        mask = self.batch.mask
+        for field in self.batch.data:
+            vals = field[mask] if field.shape[:mask.dim()] == mask.shape else field.reshape(-1)
+            vals = vals[torch.isfinite(vals)] if vals.is_floating_point() else vals
+            if vals.numel() and bool((vals == vals.round()).all()) and vals.unique().numel() <= 10:
+                return True
+        return False
+
+    def partial_result(self) -> FitResult | None:
+        """The result of the last completed E-step (``None`` before the first)."""
+        if self.last is None:
+            return None
+        post, group, prior = self.last
+        return FitResult(
+            m=post.x, inv_h=post.inv_h, group=group, NPL=post.npl, NLPrior=post.nlprior,
+            NLL=post.npl - post.nlprior, hess_logdet=post.logdet, hessian_ok=post.hessian_ok,
+            laplace_capped=post.capped, status=post.status, n_obs=self.batch.n_obs, convergence=self.converged,
+            n_iter=len(self.rows), history=pd.DataFrame(self.rows), param_names=list(self.model.param_names),
+            subject_ids=list(self.batch.subject_ids), param_xform=list(self.model.param_xform),
+            stop_reason=self.stop_reason, warnings=list(self.warnings), options=self.opts, estep=self.estep_kind,
+            stopped=self.stopped, importance=post.importance, estep_prior=prior,
         )
 
 
-def neg_log_posterior(model: Model, batch: SubjectBatch, group: GaussianGroup) -> Callable:
-    """``fun(x, idx)``: negative log posterior of the subjects ``idx`` at ``x``."""
-    data, mask, S = batch.data, batch.mask, batch.n_subjects
-    everyone = torch.arange(S, device=mask.device)
-
-    def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if idx.numel() == S and bool((idx == everyone).all()):  # all subjects in order: no copy
-            return model.nll(x, data, mask) + group.neg_log_prior(x)
-        return model.nll(x, tuple(d[idx] for d in data), mask[idx]) + group.neg_log_prior(x)
-
-    return fun
-
-
-def _estep(fun: Callable, x0: torch.Tensor, warm: dict, group: GaussianGroup,
-           generator: torch.Generator, max_restarts: int, optim_kwargs: dict):
-    """Batched MAP search; failed subjects restart from group draws, keeping the best point.
-
-    ``warm`` holds what is known at ``x0`` (``f0``, ``g0``, ``h0``: value,
-    gradient and inverse Hessian under the current prior), so the warm start
-    begins with an exact Newton step and no extra evaluation.
-    Returns ``x``, ``f``, ``g`` and the success flags, subjects first.
-    """
-    res = minimize(fun, x0, **warm, **optim_kwargs)
-    x, f, g, ok = res.x, res.fun, res.grad, res.success
-    # a subject stalled on a kink of a non-smooth likelihood sits at a local minimum already:
-    # restarts from elsewhere end on the same kink, so only the other failures are retried
-    retry = ~ok & ~res.stalled
-    for _ in range(max_restarts):
-        failed = retry.nonzero().squeeze(1)
-        if failed.numel() == 0:
-            break
-        starts = group.sample(failed.numel(), generator)
-        sub = minimize(lambda z, i: fun(z, failed[i]), starts, **optim_kwargs)
-        f_old = torch.where(torch.isfinite(f[failed]), f[failed], torch.full_like(sub.fun, math.inf))
-        better = (sub.success & ~ok[failed]) | (sub.fun < f_old)
-        take = failed[better]
-        x[take], f[take], g[take] = sub.x[better], sub.fun[better], sub.grad[better]
-        ok[take] = sub.success[better]
-        retry[failed] = ~sub.success & ~sub.stalled & ~ok[failed]
-    return x, f, g, ok
-
-
-def _warm_start(x: torch.Tensor, nll: torch.Tensor, g_lik: torch.Tensor, h_lik: torch.Tensor,
-                group: GaussianGroup, laplace_cap: float) -> dict:
-    """Value, gradient and inverse Hessian at ``x`` under a new prior, from the likelihood parts.
-
-    The likelihood's value, gradient and Hessian at the previous MAP do not
-    change when the prior does, so the next E-step starts with an exact
-    Newton step at no cost.
-    """
-    H, _ = cap_posterior_width(h_lik + group.precision, group.cov, laplace_cap)
-    h0, _, _ = invert_pd(H, group.cov)
-    return {"f0": nll + group.neg_log_prior(x), "g0": g_lik + group.grad_neg_log_prior(x), "h0": h0}
-
-
-def _group_change(old: GaussianGroup, new: GaussianGroup) -> float:
-    """Largest relative change of a group mean or SD."""
-    d_mu = ((new.mu - old.mu).abs() / (1.0 + old.mu.abs())).max()
-    sd_old, sd_new = old.var.sqrt(), new.var.sqrt()
-    d_sd = ((sd_new - sd_old).abs() / (1.0 + sd_old)).max()
-    return float(torch.maximum(d_mu, d_sd))
-
-
-def _importance_step(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsamples: int, seed: int,
-                     df: float, min_ess: float, chunk: int) -> ImportanceResult:
-    """Importance moments of every subject's posterior; low-ESS subjects are redrawn with 4x the samples."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df, chunk=chunk)
-    low = (res.ess < min_ess).nonzero().squeeze(1)
-    if low.numel():
-        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen,
-                                 df=df, chunk=chunk)
-        for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
-            getattr(res, name)[low] = getattr(more, name)
-    return res
-
-
-def run_em(
-    model: Model,
-    batch: SubjectBatch,
-    *,
-    group: str = "diag",
-    mstep_maxit: int = 800,
-    convergence_crit: float = 1e-3,
-    seed: int | None = 0,
-    max_restarts: int = 2,
-    estep_maxit: int = 200,
-    gtol: float = 1e-5,
-    hessian_chunk: int = 20000,
-    verbose: int = 1,
-    callback: Callable[[IterationState], Any] | None = None,
-    estep: str = "laplace",
-    nsamples: int = 1000,
-    final_nsamples: int | None = None,
-    proposal_df: float = 5.0,
-    min_ess: float = 50.0,
-    group_tol: float = 1e-3,
-    laplace_cap: float = 4.0,
-    init_var: float = 1.0,
-) -> FitResult:
+def run_em(model: Model, batch: SubjectBatch, options: FitOptions | None = None, *, verbose: int = 1,
+           callback: Callable[[IterationState], Any] | None = None, **kwargs: Any) -> FitResult:
     """Fit the hierarchical model by EM with batched MAP E-steps.
 
     Parameters
@@ -288,166 +743,21 @@ def run_em(
         Likelihood, parameter names and transforms.
     batch : SubjectBatch
         Data on the device and dtype of the fit.
-    group : {"diag", "full"}
-        Group covariance: diagonal (pyEM's default) or full.
-    mstep_maxit : int
-        Maximum EM iterations.
-    convergence_crit : float
-        Stop when the summed NPL changes by less than this between iterations.
-    seed : int or None
-        Seed of the starting points and restarts; the same seed on the same
-        device gives identical results.
-    max_restarts : int
-        Restarts from random starts for subjects whose E-step fails.
-    estep_maxit, gtol : int, float
-        L-BFGS iteration cap and gradient tolerance (largest absolute
-        gradient entry, as scipy's BFGS) per E-step.
-    hessian_chunk : int
-        Subjects per Hessian evaluation (bounds memory).
-    init_var : float
-        Variance of the starting group prior (mean 0).  The standard normal
-        matches the scale of the normalized space and makes the first E-step
-        well posed; pyEM starts from 100 (almost flat), which reaches the
-        same fixed point in more iterations.
-    laplace_cap : float
-        Largest ratio of a subject's Laplace posterior variance to the group
-        variance along any direction; Hessians that imply more (a MAP on a
-        near-flat shoulder of the likelihood) are capped and flagged in
-        ``laplace_capped``.  ``math.inf`` disables the cap.
+    options : FitOptions, optional
+        Every fit option (:class:`torchem.options.FitOptions`); keyword
+        arguments build one when it is not given.
     verbose : int
-        0: silent; 1: a tqdm bar with the iteration and NPL.
+        0: silent; 1: a tqdm bar with the E-step and NPL.
     callback : callable, optional
-        Called with an :class:`IterationState` after every iteration;
-        returning ``False`` stops EM there (the result so far is kept).
-    estep : {"laplace", "importance"}
-        ``"laplace"``: the M-step uses each MAP and inverse Hessian (pyEM,
-        emfit, cbm).  ``"importance"``: it uses posterior means and
-        covariances from importance sampling around the MAP
-        (:mod:`torchem.importance`), which removes the Laplace bias of the
-        group estimates.
-    nsamples : int
-        Importance draws per subject and iteration (the same draws every
-        iteration: common random numbers).
-    final_nsamples : int, optional
-        Draws of the final iteration run after convergence (default ``4 * nsamples``).
-    proposal_df : float
-        Degrees of freedom of the Student-t proposal.
-    min_ess : float
-        Subjects whose effective sample size falls below this are redrawn
-        with four times the samples; a warning reports any still below.
-    group_tol : float
-        Importance E-step convergence: the relative change of every group
-        mean and SD stays below this for three iterations in a row.  The
-        importance iterations start from the converged Laplace EM solution
-        (the ``estep`` column of ``history`` tells which iterations sampled).
+        Called with an :class:`IterationState` after every E-step; returning
+        ``False`` stops EM there (the result so far is kept, marked ``stopped``).
 
     Returns
     -------
     FitResult
     """
-    if estep not in ("laplace", "importance"):
-        raise ValueError(f"estep must be 'laplace' or 'importance', got {estep!r}")
-    final_nsamples = 4 * nsamples if final_nsamples is None else final_nsamples
-    S, P = batch.n_subjects, model.n_params
-    dtype = next((t.dtype for t in batch.data if t.is_floating_point()), torch.float64)
-    device = batch.device
-    generator = torch.Generator()
-    if seed is not None:
-        generator.manual_seed(int(seed))
-    else:
-        generator.seed()
-    grp = make_group(group, P, dtype=dtype, device=device, var=init_var)
-    x = 0.1 * torch.randn(S, P, generator=generator, dtype=dtype).to(device)
-    optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
-    all_idx = torch.arange(S, device=device)
-    crn_seed = (0 if seed is None else int(seed)) + 7919  # common random numbers for every iteration
-    inv_h = isr = None
-    warm: dict = {}
-    sampling = False  # importance E-steps start once Laplace EM has converged
-    chunk = pairs_per_call(batch.mask[0].numel(), device)
-    rows: list[dict] = []
-    npl_old = math.inf
-    deltas: list[float] = []
-    converged = stopped = final_pass = False
-    it = 0
-    bar = tqdm(total=mstep_maxit, desc=f"EM ({estep})", disable=not verbose, leave=True)
-    try:
-        while it < mstep_maxit or final_pass:
-            it += 1
-            fun = neg_log_posterior(model, batch, grp)
-            x, npl, grad, ok_opt = _estep(fun, x, warm, grp, generator, max_restarts, optim_kwargs)
-            usable = torch.isfinite(npl) & torch.isfinite(x).all(1)
-            if not usable.all():
-                raise RuntimeError(
-                    f"{int((~usable).sum())} subject(s) have a non-finite objective at every start "
-                    f"(first: {batch.subject_ids[int((~usable).nonzero()[0])]!r}); check the model and data"
-                )
-            H = torch.cat([
-                batched_hessian(lambda z, lo=lo: fun(z, all_idx[lo:lo + hessian_chunk]), x[lo:lo + hessian_chunk])
-                for lo in range(0, S, hessian_chunk)
-            ])
-            nlprior = grp.neg_log_prior(x)
-            lik_parts = (npl - nlprior, grad - grp.grad_neg_log_prior(x), H - grp.precision)  # prior-free: reused next time
-            H, capped = cap_posterior_width(H, grp.cov, laplace_cap)
-            inv_h, logdet, ok_h = invert_pd(H, grp.cov)
-            total = float(npl.sum())
-            row = {"iteration": it, "NPL": total}
-            if sampling:
-                n = final_nsamples if final_pass else nsamples
-                isr = _importance_step(fun, x, inv_h, n, crn_seed + int(final_pass), proposal_df, min_ess,
-                                       chunk)
-                new_grp = grp.mstep(isr.mean, isr.cov)
-                deltas.append(_group_change(grp, new_grp))
-                if not final_pass:  # the final, larger sample only refines a converged (or capped) run
-                    converged = len(deltas) >= 3 and max(deltas[-3:]) < group_tol
-                row.update({"estep": "importance", "nsamples": n, "ess_min": float(isr.ess.min()),
-                            "group_change": deltas[-1]})
-            else:
-                new_grp = grp.mstep(x, inv_h)
-                converged = abs(total - npl_old) < convergence_crit
-                row["estep"] = "laplace"
-            row.update({f"mu[{n}]": v for n, v in zip(model.param_names, new_grp.mu.tolist())})
-            row.update({f"sigma[{n}]": v for n, v in zip(model.param_names, new_grp.var.tolist())})
-            row.update({"estep_failed": int((~ok_opt).sum()), "hessian_bad": int((~ok_h).sum()),
-                        "laplace_capped": int(capped.sum())})
-            rows.append(row)
-            bar.update(1)
-            bar.set_postfix(NPL=f"{total:.4f}")
-            grp, npl_old = new_grp, total
-            warm = _warm_start(x, *lik_parts, grp, laplace_cap)
-            if callback is not None:
-                state = IterationState(it, mstep_maxit, total, new_grp.mu.cpu().numpy(), new_grp.var.cpu().numpy(),
-                                       row["estep_failed"], row["hessian_bad"], converged)
-                if callback(state) is False and not converged:
-                    stopped = True
-                    break
-            if final_pass:
-                break
-            if estep == "importance" and not sampling and (converged or it == mstep_maxit):
-                sampling, converged = True, False  # Laplace EM brought us close: now remove its bias
-                if it == mstep_maxit:
-                    final_pass = True
-            elif sampling and (converged or it == mstep_maxit):
-                final_pass = True  # one more iteration with the larger sample
-            elif converged:
-                break
-    finally:
-        bar.close()
-    if rows and rows[-1]["hessian_bad"]:
-        warnings.warn(f"{rows[-1]['hessian_bad']} subject(s) had a Hessian that is not positive definite at the "
-                      "final MAP; their inverse Hessian was replaced by the group covariance (see hessian_ok)",
-                      RuntimeWarning, stacklevel=3)
-    if isr is not None and bool((isr.ess < min_ess).any()):
-        warnings.warn(f"{int((isr.ess < min_ess).sum())} subject(s) kept an effective sample size below "
-                      f"{min_ess:g} after redrawing (see result.importance.ess); raise nsamples",
-                      RuntimeWarning, stacklevel=3)
-    if rows and rows[-1]["estep_failed"]:
-        warnings.warn(f"{rows[-1]['estep_failed']} subject(s) did not converge in the final E-step "
-                      "(see estep_success); their best point was kept", RuntimeWarning, stacklevel=3)
-    return FitResult(
-        m=x, inv_h=inv_h, posterior_mu=grp.mu, posterior_sigma=grp.var, posterior_cov=grp.cov,
-        NPL=npl, NLPrior=nlprior, NLL=npl - nlprior, hess_logdet=logdet, hessian_ok=ok_h, laplace_capped=capped,
-        estep_success=ok_opt, n_obs=batch.n_obs, convergence=converged, n_iter=len(rows),
-        history=pd.DataFrame(rows), param_names=list(model.param_names), subject_ids=list(batch.subject_ids),
-        param_xform=list(model.param_xform), group=group, estep=estep, stopped=stopped, importance=isr,
-    )
+    if options is None:
+        options = FitOptions(**kwargs)
+    elif kwargs:
+        raise ValueError("give options either as a FitOptions or as keywords, not both")
+    return EMRun(model, batch, options, verbose=verbose, callback=callback).run()

@@ -90,7 +90,15 @@ def pseudo_r2(nll: torch.Tensor, n_obs: torch.Tensor, noptions: int, metric: str
         Options per choice (chance is ``1/noptions``).
     metric : {"median", "mean"}
         How subjects are pooled (pyEM's default is the median).
+
+    Raises
+    ------
+    ValueError
+        ``noptions`` below 2 (one option has no chance level to beat).
     """
+    if isinstance(noptions, bool) or not isinstance(noptions, (int, np.integer)) or noptions < 2:
+        raise ValueError(f"noptions must be an integer >= 2 (the options per choice; chance is 1/noptions), "
+                         f"got {noptions!r}")
     chance = n_obs.to(nll.dtype) * math.log(noptions)
     if metric == "median":
         return float(1.0 - torch.quantile(nll, 0.5) / torch.quantile(chance, 0.5))
@@ -190,9 +198,13 @@ def bms(lme, alpha0: float | np.ndarray = 1.0, max_iter: int = 10_000, tol: floa
 
     Parameters
     ----------
-    lme : array-like
-        ``(S, K)`` log evidence of each of ``K`` models for each subject
-        (e.g. Laplace evidences from :meth:`EMModel.compute_lme`).
+    lme : array-like or DataFrame
+        ``(S, K)`` log evidence of each of ``K`` models for each subject:
+        Laplace evidences (:meth:`EMModel.compute_lme`,
+        :meth:`ModelComparison.subject_lme`) or held-out log predictive
+        likelihoods from cross-validation (:meth:`ModelComparison.subject_cv`,
+        ``CVResult.subjects["elpd"]``), which do not rest on the Laplace
+        approximation.
     alpha0 : float or ``(K,)``
         Dirichlet prior (1: uniform over frequencies).
     max_iter, tol : int, float
@@ -205,7 +217,7 @@ def bms(lme, alpha0: float | np.ndarray = 1.0, max_iter: int = 10_000, tol: floa
     -------
     BMSResult
     """
-    L = np.array(lme.detach().cpu().numpy() if isinstance(lme, torch.Tensor) else lme, dtype=float)
+    L = np.array(lme.detach().cpu().numpy() if isinstance(lme, torch.Tensor) else np.asarray(lme), dtype=float)
     if L.ndim != 2 or L.shape[1] < 2:
         raise ValueError(f"lme must be (subjects, models) with at least 2 models, got shape {L.shape}")
     if not np.isfinite(L).all():

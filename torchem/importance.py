@@ -28,7 +28,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ImportanceResult", "importance_sample", "pairs_per_call"]
+from .priors import chi2_draws
+
+__all__ = ["ImportanceResult", "importance_sample", "weighted_draws", "evaluate_pairs", "pairs_per_call"]
 
 
 def pairs_per_call(trial_cells: int, device: torch.device) -> int:
@@ -69,34 +71,11 @@ def _draw(n: int, S: int, P: int, df: float, generator: torch.Generator, dtype: 
           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard normal ``z`` ``(n, S, P)`` and the t-scaling ``sqrt(df / u)`` ``(n, S)``, ``u ~ chi2(df)``."""
     z = torch.randn(n, S, P, generator=generator, dtype=dtype)
-    u = _chi2(n * S, df, generator, dtype).reshape(n, S)
+    u = chi2_draws(n * S, df, generator, dtype).reshape(n, S)
     return z.to(device), (df / u).sqrt().to(device)
 
 
-def _chi2(n: int, df: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` chi-square draws with ``df`` degrees of freedom from a seeded generator (Marsaglia-Tsang)."""
-    shape = df / 2.0
-    boost = shape < 1.0
-    a = shape + 1.0 if boost else shape
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    out = torch.empty(n, dtype=dtype)
-    filled = 0
-    while filled < n:
-        m = 2 * (n - filled) + 16
-        x = torch.randn(m, generator=generator, dtype=dtype)
-        v = (1.0 + c * x) ** 3
-        unif = torch.rand(m, generator=generator, dtype=dtype)
-        ok = (v > 0) & (torch.log(unif) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-300)))
-        acc = (d * v)[ok][: n - filled]
-        out[filled:filled + acc.numel()] = acc
-        filled += acc.numel()
-    if boost:
-        out = out * torch.rand(n, generator=generator, dtype=dtype) ** (1.0 / shape)
-    return 2.0 * out
-
-
-def importance_sample(
+def weighted_draws(
     log_post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     m: torch.Tensor,
     cov: torch.Tensor,
@@ -105,8 +84,8 @@ def importance_sample(
     *,
     df: float = 5.0,
     chunk: int = 200_000,
-) -> ImportanceResult:
-    """Importance-sample every subject's posterior with a Student-t proposal.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student-t draws around every subject's MAP and their log importance weights.
 
     Parameters
     ----------
@@ -128,7 +107,11 @@ def importance_sample(
 
     Returns
     -------
-    ImportanceResult
+    theta : Tensor
+        ``(n, S, P)`` draws.
+    log_w : Tensor
+        ``(n, S)`` unnormalized log weights ``log_post - log q`` (``-inf``
+        where the posterior is not finite).
     """
     S, P = m.shape
     dtype, device = m.dtype, m.device
@@ -140,12 +123,47 @@ def importance_sample(
     maha = (z * z).sum(-1) * scale * scale
     log_q = (math.lgamma((df + P) / 2) - math.lgamma(df / 2) - 0.5 * P * math.log(df * math.pi)
              - chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * (df + P) * torch.log1p(maha / df))
+    lp = evaluate_pairs(log_post, theta, chunk)
+    log_w = lp - log_q
+    return theta, torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+
+
+def evaluate_pairs(fun: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], theta: torch.Tensor,
+                   chunk: int) -> torch.Tensor:
+    """``fun`` at every draw of every subject, ``(n, S)``, in batched calls of at most ``chunk`` pairs.
+
+    ``fun(theta, idx) -> (k,)`` takes ``k`` parameter rows ``(k, P)`` of the
+    subjects ``idx`` ``(k,)``; ``theta`` is ``(n, S, P)`` and is evaluated
+    draw-major without gradients.
+    """
+    n, S, P = theta.shape
     flat = theta.reshape(-1, P)
-    idx = torch.arange(S, device=device).repeat(nsamples)
+    idx = torch.arange(S, device=theta.device).repeat(n)
     with torch.no_grad():
-        lp = torch.cat([log_post(flat[lo:lo + chunk], idx[lo:lo + chunk]) for lo in range(0, flat.shape[0], chunk)])
-    log_w = lp.reshape(nsamples, S) - log_q
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
+        out = torch.cat([fun(flat[lo:lo + chunk], idx[lo:lo + chunk]) for lo in range(0, flat.shape[0], chunk)])
+    return out.reshape(n, S)
+
+
+def importance_sample(
+    log_post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    m: torch.Tensor,
+    cov: torch.Tensor,
+    nsamples: int,
+    generator: torch.Generator,
+    *,
+    df: float = 5.0,
+    chunk: int = 200_000,
+) -> ImportanceResult:
+    """Importance-sample every subject's posterior with a Student-t proposal.
+
+    Parameters and draws as in :func:`weighted_draws`.
+
+    Returns
+    -------
+    ImportanceResult
+    """
+    S = m.shape[0]
+    theta, log_w = weighted_draws(log_post, m, cov, nsamples, generator, df=df, chunk=chunk)
     top = log_w.max(0).values
     w = torch.exp(log_w - top)  # (n, S), max 1
     w_sum = w.sum(0)
@@ -158,4 +176,4 @@ def importance_sample(
     se = w.std(0, unbiased=True) / (mean_w * math.sqrt(nsamples))
     ess = w_sum ** 2 / (w * w).sum(0)
     return ImportanceResult(mean, 0.5 * (cov_post + cov_post.transpose(-1, -2)), log_ev, se, ess,
-                            torch.full((S,), nsamples, device=device))
+                            torch.full((S,), nsamples, device=m.device))

@@ -39,7 +39,8 @@ class MinimizeResult:
     nit : Tensor
         ``(S,)`` iterations taken by each problem.
     success : Tensor
-        ``(S,)`` bool: the gradient (or the relative decrease) fell below tolerance.
+        ``(S,)`` bool: the gradient (or the relative decrease) fell below tolerance, or no step
+        along a gradient below ``100 gtol`` lowers ``f`` any more (the floating-point floor).
     stalled : Tensor
         ``(S,)`` bool: unconverged because steps along the gradient no longer
         lower ``f`` (none down to the step floor, or only by rounding) -- a
@@ -228,7 +229,10 @@ def minimize(
         valid[active[retry]] = False
         use_h0[active[retry]] = False
         done[active[failed & fresh]] = True
-        stalled[active[failed & fresh]] = True
+        # no step along the gradient lowers f: at the floating-point floor when the gradient is small
+        at_floor = failed & fresh & (ga.abs().amax(-1) <= 100 * gtol)
+        success[active[at_floor]] = True
+        stalled[active[failed & fresh & ~at_floor]] = True
 
         mv = moved.nonzero().squeeze(1)
         if mv.numel():

@@ -17,15 +17,16 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from torchem.plotting import plot_scatter
+from torchem.plotting import plot_ppc, plot_scatter
 
-__all__ = ["history_figure", "recovery_figure", "comparison_figure", "figure_output", "figure_png"]
+__all__ = ["history_figure", "recovery_figure", "comparison_figure", "empty_figure", "ppc_figure", "figure_output",
+           "figure_png"]
 
 
 def history_figure(history: pd.DataFrame, param_names: Sequence[str], title: str = "",
                    figsize: tuple[float, float] = (9, 3.2)) -> Figure:
     """Summed NPL per iteration and each group mean with its +/- 1 SD band (as ``torchem.plotting.plot_history``)."""
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")  # constrained layout keeps the title clear of the axes
     a0, a1 = fig.subplots(1, 2)
     if len(history):
         it = history["iteration"].to_numpy()
@@ -39,10 +40,16 @@ def history_figure(history: pd.DataFrame, param_names: Sequence[str], title: str
     a0.set_xlabel("EM iteration")
     a0.set_ylabel("summed NPL")
     a1.set_xlabel("EM iteration")
-    a1.set_ylabel("group mean +/- 1 SD (normalized)")
+    a1.set_ylabel("group mean +/- 1 SD\n(normalized)")
     if title:
         fig.suptitle(title, fontsize="medium")
-    fig.tight_layout()
+    return fig
+
+
+def empty_figure(message: str, figsize: tuple[float, float] = (9, 3.2)) -> Figure:
+    """A blank figure with a message (the live plot before a fit's first iteration)."""
+    fig = Figure(figsize=figsize)
+    fig.text(0.5, 0.5, message, ha="center", va="center", color="0.4")
     return fig
 
 
@@ -60,7 +67,7 @@ def recovery_figure(true_params: np.ndarray, estimated: np.ndarray, param_names:
 
 def comparison_figure(table: pd.DataFrame) -> Figure:
     """LME difference to the best model and protected exceedance probability per model."""
-    fig = Figure(figsize=(8, 3.0))
+    fig = Figure(figsize=(8, 3.0), layout="constrained")
     a0, a1 = fig.subplots(1, 2)
     names = [str(n) for n in table.index]
     a0.bar(names, table["dLME"].to_numpy(dtype=float), color="tab:blue")
@@ -68,7 +75,14 @@ def comparison_figure(table: pd.DataFrame) -> Figure:
     a0.set_ylabel("LME - best LME (nats)")
     a1.bar(names, table["pxp"].to_numpy(dtype=float), color="tab:orange")
     a1.set_ylim(0, 1)
-    a1.set_ylabel("protected exceedance probability")
+    a1.set_ylabel("protected exceedance\nprobability")
+    return fig
+
+
+def ppc_figure(ppc) -> Figure:
+    """The group-level posterior predictive check of every built-in statistic (``torchem.plotting.plot_ppc``)."""
+    fig = plot_ppc(ppc, fig=Figure())
+    fig.set_size_inches(min(3.2 * len(ppc.statistics), 10.0), 3.0)
     fig.tight_layout()
     return fig
 

@@ -8,6 +8,7 @@ capture and no pyplot), which Jupyter sends to the browser as it happens.
 """
 from __future__ import annotations
 
+import base64
 import html
 import threading
 import time
@@ -19,19 +20,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from torchem import EMModel, ModelComparison, SubjectBatch
+from torchem import EMModel, ModelComparison, SubjectBatch, ppc
+from torchem.api import convergence_text
 from torchem.em import IterationState
+from torchem.groups import FAMILIES
+from torchem.options import FitOptions
 
-from ._figures import comparison_figure, figure_output, history_figure, recovery_figure
+from ._figures import comparison_figure, empty_figure, figure_output, history_figure, ppc_figure, recovery_figure
 from .data_loader import DataLoader, _error_html
 
 __all__ = ["FitDashboard"]
 
-_TABLE_CSS = ("<style>table.torchem-results, table.torchem-comparison {border-collapse: collapse; font-size: 12px}"
-              " .torchem-results th, .torchem-results td, .torchem-comparison th, .torchem-comparison td"
-              " {padding: 1px 6px; text-align: right}"
-              " .torchem-results tbody tr:nth-child(odd), .torchem-comparison tbody tr:nth-child(odd)"
-              " {background: #f3f5f7}</style>")
+_TABLES = ("torchem-results", "torchem-comparison", "torchem-group")
+_TABLE_CSS = ("<style>" + ", ".join(f"table.{t}" for t in _TABLES) + " {border-collapse: collapse; font-size: 12px}"
+              + ", ".join(f" .{t} th, .{t} td" for t in _TABLES) + " {padding: 1px 6px; text-align: right}"
+              + ", ".join(f" .{t} tbody tr:nth-child(odd)" for t in _TABLES) + " {background: #f3f5f7}</style>")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -44,6 +47,22 @@ def _model_name(obj: Any) -> str:
 def _library_models() -> dict[str, Callable]:
     from torchem.models import MODELS
     return dict(MODELS)
+
+
+def _group_table(res, natural: pd.DataFrame) -> pd.DataFrame:
+    """The group's location and SD (normalized), the location in natural space, and the subjects' natural spread."""
+    table = res.group_df().rename(columns={"mu": "mu (normalized)", "sd": "sd (normalized)"})
+    table["subjects' mean (natural)"] = natural.mean(0).to_numpy()
+    table["subjects' SD (natural)"] = natural.std(0, ddof=1).to_numpy() if len(natural) > 1 else np.nan
+    return table
+
+
+def _download_link(df: pd.DataFrame, filename: str) -> str:
+    """An HTML link that downloads ``df`` as a CSV file (a data URI: works in Jupyter, JupyterLab and Voila)."""
+    payload = base64.b64encode(df.to_csv().encode()).decode("ascii")
+    return (f'<a class="torchem-download" download="{html.escape(filename)}" '
+            f'href="data:text/csv;base64,{payload}">&#x2B07; download the per-subject table ({html.escape(filename)})'
+            "</a>")
 
 
 class FitDashboard(W.VBox):
@@ -91,7 +110,10 @@ class FitDashboard(W.VBox):
     results_df : DataFrame or None
         Per-subject table of the last fit.
     summary : dict
-        LME, iBIC and convergence of the last fit.
+        LME, iBIC, convergence and warnings of the last fit.
+    group_table : DataFrame or None
+        Group mean and SD (normalized), the mean mapped to natural space and
+        the subjects' natural-space mean and SD, one row per parameter.
     error : str or None
         The last error shown.
     """
@@ -115,6 +137,7 @@ class FitDashboard(W.VBox):
         self.results_df: pd.DataFrame | None = None
         self.comparison_df: pd.DataFrame | None = None
         self.summary: dict[str, Any] = {}
+        self.group_table: pd.DataFrame | None = None
         self.error: str | None = None
         self._data: Any = data
         self._data_kwargs = dict(data_kwargs or {})
@@ -127,12 +150,13 @@ class FitDashboard(W.VBox):
         self.model_picker = W.Dropdown(options=names, value=names[0], description="model")
         self.fit_all = W.Checkbox(value=False, description="fit every model and compare", indent=False)
         self.max_iter = W.BoundedIntText(value=200, min=1, max=100_000, description="max iter")
-        self.conv_crit = W.BoundedFloatText(value=1e-3, min=0.0, max=1e6, step=1e-3, description="conv. crit")
+        self.conv_crit = W.BoundedFloatText(value=1e-3, min=1e-12, max=1e6, step=1e-3, description="conv. crit")
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         self.device = W.Dropdown(options=devices, value=devices[-1], description="device")
         self.dtype = W.Dropdown(options=list(_DTYPES), value="float64", description="dtype")
         self.seed = W.IntText(value=0, description="seed")
-        self.group = W.Dropdown(options=["diag", "full"], value="diag", description="group cov")
+        self.group = W.Dropdown(options=sorted(FAMILIES), value="gaussian", description="group",
+                                tooltip=FitOptions.__dataclass_fields__["group"].metadata["help"])
         self.fit_button = W.Button(description="Fit", button_style="success")
         self.stop_button = W.Button(description="Stop", button_style="danger", disabled=True)
         self.progress = W.IntProgress(value=0, min=0, max=self.max_iter.value, description=f"EM 0/{self.max_iter.value}",
@@ -144,6 +168,7 @@ class FitDashboard(W.VBox):
         self.results_summary = W.HTML("<i>no fit yet</i>")
         self.results_plot = W.Output()
         self.results_table = W.HTML()
+        self.download = W.HTML()
         self.loader = DataLoader(model=self._candidate_fit_func(names[0]), on_batch=self._on_loader_batch)
 
         self.fit_button.on_click(self._on_fit)
@@ -157,10 +182,11 @@ class FitDashboard(W.VBox):
             layout=W.Layout(grid_template_columns="repeat(3, 300px)"))
         self.tabs = W.Tab(children=[
             W.VBox([self.live_plot]),
-            W.VBox([self.results_summary,
-                    W.HBox([W.Box([self.results_table], layout=W.Layout(max_height="640px", overflow="auto",
-                                                                        min_width="440px", margin="0 12px 0 0")),
-                            self.results_plot])]),
+            # the table scrolls inside its own box (both ways), so wide tables are never cut off
+            W.VBox([self.results_summary, self.download,
+                    W.Box([self.results_table], layout=W.Layout(max_height="420px", max_width="100%",
+                                                                overflow="auto", margin="0 0 8px 0")),
+                    self.results_plot]),
             self.loader,
         ])
         for i, title in enumerate(["Live", "Results", "Data"]):
@@ -218,10 +244,8 @@ class FitDashboard(W.VBox):
             if data is None and cand.device == torch.device(device) and cand.dtype == dtype:
                 cand.result = None
                 return cand
-            m = cand.model
-            return EMModel(cand.batch if data is None else data, m.fit_func, m.param_names, m.param_xform,
-                           m.simulate_func, per_subject=m.per_subject, device=device, dtype=dtype,
-                           **(self._data_kwargs if isinstance(data, pd.DataFrame) else {}))
+            return cand.with_data(cand.batch if data is None else data, device=device, dtype=dtype,
+                                  **(self._data_kwargs if isinstance(data, pd.DataFrame) else {}))
         if data is None:
             raise ValueError("no data: load a CSV in the Data tab (or pass data=...)")
         kw = self._kwargs_for(name)
@@ -306,6 +330,8 @@ class FitDashboard(W.VBox):
         self.progress.max, self.progress.value, self.progress.bar_style = opts["mstep_maxit"], 0, "info"
         self.progress.description = f"EM 0/{opts['mstep_maxit']}"
         self.tabs.selected_index = 0
+        # a re-fit starts from an empty plot, never from the previous fit's curve
+        self.live_plot.outputs = (figure_output(empty_figure("waiting for the first EM iteration ...")),)
         self._thread = threading.Thread(target=self._run, args=(names, opts, device, dtype),
                                         name="torchem-fit", daemon=True)
         self._thread.start()
@@ -386,24 +412,22 @@ class FitDashboard(W.VBox):
     def _finish(self, name: str) -> None:
         em, res = self.em_model, self.result
         n = res.n_iter
+        converged, stopped = bool(res.convergence), bool(res.stopped)
         self.progress.max = max(n, 1)
         self.progress.value = n
         self.progress.description = f"EM {n}/{n}"
-        self.progress.bar_style = "warning" if res.stopped else "success"
+        self.progress.bar_style = "success" if converged else "warning"
         self._status(f"{html.escape(name)}: computing evidence ...")
         lap, lme, good = em.compute_lme()
         ibic = em.compute_integrated_bic(nsamples=self.ibic_nsamples, seed=0)
-        self.summary = {"model": name, "n_subjects": res.n_subjects, "n_iter": n, "converged": res.convergence,
-                        "stopped": res.stopped, "NPL": float(res.NPL.sum()), "LME": float(lme), "iBIC": float(ibic),
+        warnings = em.warnings
+        self.summary = {"model": name, "n_subjects": res.n_subjects, "n_iter": n, "converged": converged,
+                        "stopped": stopped, "NPL": float(res.NPL.sum()), "LME": float(lme), "iBIC": float(ibic),
                         "hessian_bad": int((~res.hessian_ok).sum()),
-                        "estep_failed": int((~res.estep_success).sum())}
-        df = res.params_df()
-        df["NLL"] = res.NLL.detach().cpu().numpy()
-        df["NPL"] = res.NPL.detach().cpu().numpy()
-        df["LME (Laplace)"] = lap
-        df["hessian_ok"] = res.hessian_ok.cpu().numpy()
-        df["estep_success"] = res.estep_success.cpu().numpy()
+                        "estep_failed": int((~res.estep_success).sum()), "warnings": warnings}
+        df = res.subject_table()
         self.results_df = df
+        self.group_table = _group_table(res, df[em.param_names])
 
         figures = []
         truth = self.true_params.get(name) if isinstance(self.true_params, Mapping) else self.true_params
@@ -412,37 +436,59 @@ class FitDashboard(W.VBox):
             if truth.shape == (res.n_subjects, res.n_params):
                 figures.append(recovery_figure(truth, df[em.param_names].to_numpy(), em.param_names))
         self.comparison_df = None
-        if len(self.fitted) >= 2 and not res.stopped:
+        if len(self.fitted) >= 2 and not stopped:
             self._status("comparing the fitted models ...")
             mc = ModelComparison(list(self.fitted.values()), list(self.fitted))
             self.comparison_df = mc.compare(bicint_kwargs={"nsamples": self.ibic_nsamples})
             figures.append(comparison_figure(self.comparison_df))
         figures.append(history_figure(res.history, em.param_names, title=f"{name}: EM history", figsize=(7.5, 3.0)))
+        figures.extend(self._posterior_predictive(em, name))
         self.results_plot.outputs = tuple(figure_output(f) for f in figures)
 
-        state = "converged" if res.convergence else ("stopped" if res.stopped else "reached max iterations")
-        lines = [f"<b>{html.escape(name)}</b>: {res.n_subjects} subjects, {n} EM iterations, {state}",
+        state = html.escape(convergence_text(res))
+        lines = [f"<b>{html.escape(name)}</b>: {res.n_subjects} subjects, "
+                 + (state if converged else f"<b class='torchem-not-converged' style='color:#a65e00'>{state}</b>"),
                  f"summed NPL {self.summary['NPL']:.3f} &nbsp; LME (Laplace) <b>{lme:.3f}</b> &nbsp; "
                  f"iBIC ({self.ibic_nsamples} samples) <b>{ibic:.3f}</b>"]
         if self.summary["hessian_bad"] or self.summary["estep_failed"]:
             lines.append(f"non-PD Hessians {self.summary['hessian_bad']}, "
                          f"E-step failures {self.summary['estep_failed']}")
-        grp = res.group_df()
-        lines.append("group mean (SD), normalized: " + ", ".join(
-            f"{html.escape(str(p))} {row.mu:.3f} ({row.sd:.3f})" for p, row in grp.iterrows()))
+        for w in warnings:
+            lines.append(f"<span class='torchem-warning' style='color:#a65e00'>warning: {html.escape(w)}</span>")
+        lines.append(_TABLE_CSS + "<b>Group</b>" + self.group_table.to_html(
+            classes="torchem-group", float_format=lambda v: f"{v:.4f}", border=0))
         if self.comparison_df is not None:
             lines.append(_TABLE_CSS + "<b>Model comparison</b>" + self.comparison_df.to_html(
                 classes="torchem-comparison", float_format=lambda v: f"{v:.3f}", border=0))
         self.results_summary.value = "<br>".join(lines)
+        self.download.value = _download_link(df, f"{name}_subjects.csv")
         shown = df.head(self.max_table_rows)
-        note = (f"<i>first {self.max_table_rows} of {len(df)} subjects (all in <code>results_df</code>)</i>"
-                if len(df) > self.max_table_rows else "")
+        note = (f"<i>first {self.max_table_rows} of {len(df)} subjects (all in <code>results_df</code> and the "
+                "download)</i>" if len(df) > self.max_table_rows else "")
         self.results_table.value = (_TABLE_CSS + "<b>Per-subject parameters</b> " + note +
                                     shown.to_html(classes="torchem-results", float_format=lambda v: f"{v:.4f}",
                                                   border=0))
-        self.state = "stopped" if res.stopped else "done"
-        self._status(f"Fit {'stopped' if res.stopped else 'finished'}: {html.escape(name)}, {n} iterations")
+        self.state = "stopped" if stopped else "done"
+        self._status(f"Fit {'stopped' if stopped else 'finished'}: {html.escape(name)}, {state}")
         self.tabs.selected_index = 1
+
+    #: Replicates per subject of the posterior predictive check shown after a fit (0: none).
+    ppc_nsims: int = 50
+    #: The last posterior predictive check (``torchem.ppc.PPCResult``), or its error message.
+    ppc_result: Any = None
+
+    def _posterior_predictive(self, em: EMModel, name: str) -> list:
+        """The posterior predictive check figure of a finished fit (none for models without a PPC family)."""
+        self.ppc_result = None
+        if self.ppc_nsims < 2 or self.result.stopped or ppc.family_of(em.model.fit_func) is None:
+            return []
+        self._status(f"{html.escape(name)}: posterior predictive check ...")
+        try:
+            self.ppc_result = em.ppc(nsims=self.ppc_nsims, seed=0, nsamples=1000)
+        except Exception as exc:  # the check must not hide the fit's results
+            self.ppc_result = f"posterior predictive check failed: {type(exc).__name__}: {exc}"
+            return []
+        return [ppc_figure(self.ppc_result)]
 
     def _show_error(self, exc: BaseException, name: str) -> None:
         self.state = "error"

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import html
-import io
+import re
 from typing import Any, Callable, Sequence
 
 import ipywidgets as W
 import pandas as pd
 
 from torchem import SubjectBatch
-from torchem.model import Model
+from torchem.data import parse_columns, read_table
+from torchem.model import Model, data_roles
 
 __all__ = ["DataLoader"]
 
@@ -23,6 +24,13 @@ def _error_html(message: str) -> str:
 
 def _ok_html(message: str) -> str:
     return f'<div class="torchem-ok" style="color:#1e6b2a">{html.escape(message)}</div>'
+
+
+def _guess_group(columns: Sequence[str], wanted: str) -> str | None:
+    """``"[x0, x1, x2]"`` when ``wanted`` (e.g. ``X``) has numbered columns ``x0, x1, ...`` (at least two)."""
+    pattern = re.compile(rf"^{re.escape(wanted.lower())}_?(\d+)$")
+    numbered = sorted((int(m.group(1)), c) for c in columns if (m := pattern.match(str(c).lower())))
+    return "[" + ", ".join(c for _, c in numbered) + "]" if len(numbered) >= 2 else None
 
 
 def _guess(columns: Sequence[str], wanted: str, default: str | None = None) -> str | None:
@@ -50,9 +58,10 @@ class DataLoader(W.VBox):
     ----------
     fields : sequence of str, optional
         Names of the model's data fields in the order the model takes them
-        (e.g. ``["choices", "rewards"]``); one column dropdown is shown per
-        field.  Without it, a text box takes the data columns
-        (comma-separated).
+        (e.g. ``["choices", "rewards"]``); one column box is shown per field,
+        which takes a column or a bracketed group of columns stacked into one
+        field (``[x0, x1, x2]`` for a regression's predictors).  Without it,
+        a text box takes all data columns (``choice, reward``).
     model : callable, optional
         A ``fit_func`` (or :class:`torchem.model.Model`); its declared
         ``inputs`` give ``fields`` and its data check runs on the built batch.
@@ -82,14 +91,19 @@ class DataLoader(W.VBox):
         self._callbacks: list[Callable] = [on_batch] if on_batch is not None else []
         self._fields: list[str] = []
 
-        self.upload = W.FileUpload(accept=".csv,text/csv", multiple=False, description="CSV file")
+        self.upload = W.FileUpload(accept=".csv,.tsv,.txt,text/csv,text/tab-separated-values", multiple=False,
+                                   description="CSV/TSV file")
         self.file_label = W.HTML("<i>no file loaded</i>")
         self.subject = W.Dropdown(description="subject", options=[NONE])
         self.block = W.Dropdown(description="block", options=[NONE])
         self.trial = W.Dropdown(description="trial", options=[NONE])
         self.field_box = W.VBox()
-        self.field_dropdowns: dict[str, W.Dropdown] = {}
+        self.field_dropdowns: dict[str, W.Combobox] = {}
         self.columns_text = W.Text(description="columns", placeholder="choice, reward (in the model's order)")
+        self.first_option = W.Checkbox(value=False, indent=False,
+                                       description="options coded from 1 (1, 2, ... -> 0, 1, ...)")
+        self.skip_missing = W.Checkbox(value=False, indent=False,
+                                       description="skip missed trials (an empty choice)")
         self.preview = W.HTML()
         self.build_button = W.Button(description="Use this data", button_style="primary")
         self.message = W.HTML()
@@ -97,7 +111,9 @@ class DataLoader(W.VBox):
         self.upload.observe(self._on_upload, names="value")
         self.build_button.on_click(lambda _b: self.build())
         self.set_model(model, fields)
-        mapping = W.VBox([W.HTML("<b>Columns</b>"), self.subject, self.block, self.trial, self.field_box],
+        mapping = W.VBox([W.HTML("<b>Columns</b>"), self.subject, self.block, self.trial, self.field_box,
+                          W.HTML("<small>a field may take several columns: <code>[x0, x1, x2]</code></small>"),
+                          self.first_option, self.skip_missing],
                          layout=W.Layout(min_width="330px"))
         super().__init__([
             W.HBox([self.upload, self.file_label]),
@@ -118,10 +134,18 @@ class DataLoader(W.VBox):
         """Use ``model``'s data fields (and data check); ``fields`` overrides its declared inputs."""
         fit_func = model.fit_func if isinstance(model, Model) else model
         self._check = getattr(fit_func, "check_data", None)
+        self._roles = data_roles(fit_func) if fit_func is not None else ([], [])
         if fields is None and fit_func is not None:
             fields = getattr(fit_func, "inputs", None)
         self._fields = list(fields or [])
-        self.field_dropdowns = {f: W.Dropdown(description=f, options=self._options(False)) for f in self._fields}
+        # the recodings are offered only where the model defines them
+        self.first_option.disabled = not self._roles[0]
+        self.skip_missing.disabled = not self._roles[1]
+        self.first_option.value &= not self.first_option.disabled
+        self.skip_missing.value &= not self.skip_missing.disabled
+        self.field_dropdowns = {f: W.Combobox(description=f, options=self._options(False), ensure_option=False,
+                                              placeholder="column or [col1, col2]")
+                                for f in self._fields}
         self.field_box.children = tuple(self.field_dropdowns.values()) if self._fields else (self.columns_text,)
         self._guess_mapping()
 
@@ -142,13 +166,9 @@ class DataLoader(W.VBox):
         self.error = None
 
     def load_csv(self, content: bytes | str, name: str = "upload.csv") -> None:
-        """Parse CSV text or bytes and load it; a parse error is shown in place."""
+        """Parse CSV (or TSV, ...: the separator is sniffed) text or bytes and load it; a parse error is shown."""
         try:
-            if isinstance(content, (bytes, bytearray, memoryview)):
-                content = bytes(content).decode("utf-8-sig")
-            df = pd.read_csv(io.StringIO(content))
-            if df.shape[1] < 2:
-                raise ValueError("the file has fewer than two columns; is it comma-separated?")
+            df = read_table(content.encode() if isinstance(content, str) else content)
         except Exception as exc:  # noqa: BLE001 - every parse problem is shown to the user
             self._show_error(f"could not read {name}: {exc}")
             return
@@ -169,21 +189,26 @@ class DataLoader(W.VBox):
         used = {self.subject.value, self.block.value, self.trial.value}
         rest = [c for c in cols if c not in used]
         for k, (f, dd) in enumerate(self.field_dropdowns.items()):
-            dd.value = _guess(cols, f, rest[k] if k < len(rest) else cols[-1])
+            dd.value = _guess(cols, f) or _guess_group(cols, f) or (rest[k] if k < len(rest) else cols[-1])
         if not self._fields and not self.columns_text.value:
             self.columns_text.value = ", ".join(rest)
 
     @property
     def mapping(self) -> dict[str, Any]:
-        """The chosen columns as ``SubjectBatch.from_dataframe`` keywords."""
+        """The chosen columns and codings as ``SubjectBatch.from_dataframe`` keywords."""
         if self._fields:
-            columns = [dd.value for dd in self.field_dropdowns.values()]
+            columns = [entry for dd in self.field_dropdowns.values() for entry in parse_columns(dd.value)
+                       if entry]
         else:
-            columns = [c.strip() for c in self.columns_text.value.split(",") if c.strip()]
+            columns = [c for c in parse_columns(self.columns_text.value) if c]
+        groups, responses = self._roles
         return {"subject": self.subject.value,
                 "columns": columns,
                 "block": None if self.block.value in (NONE, None) else self.block.value,
-                "trial": None if self.trial.value in (NONE, None) else self.trial.value}
+                "trial": None if self.trial.value in (NONE, None) else self.trial.value,
+                "categorical": groups, "responses": responses,
+                "missing": "skip" if self.skip_missing.value else "error",
+                "first_option": int(self.first_option.value)}
 
     # ------------------------------------------------------------- build
     def build(self) -> SubjectBatch | None:
@@ -195,7 +220,11 @@ class DataLoader(W.VBox):
         try:
             if not kw["columns"]:
                 raise ValueError("choose the data columns")
-            roles = [kw["subject"], *kw["columns"]] + [c for c in (kw["block"], kw["trial"]) if c]
+            if self._fields and len(kw["columns"]) != len(self._fields):
+                raise ValueError(f"{len(kw['columns'])} fields for the model's {len(self._fields)} "
+                                 f"({', '.join(self._fields)}); one entry per field")
+            used = [c for entry in kw["columns"] for c in ([entry] if isinstance(entry, str) else entry)]
+            roles = [kw["subject"], *used] + [c for c in (kw["block"], kw["trial"]) if c]
             dup = sorted({c for c in roles if roles.count(c) > 1})
             if dup:
                 raise ValueError(f"column(s) {dup} are mapped to more than one role")

@@ -4,11 +4,23 @@ Every model is a batched torch likelihood ``fit_func(params (S, P), *data,
 mask=None, output="nll")`` carrying its parameter names, transforms, data
 inputs and simulator (``fit_func.simulate``).  :data:`MODELS` names them for
 the command line and the widgets.
+
+pyEM 1.0's names come from the registry: for every model ``<name>`` in
+:data:`MODELS`, the module that defines its fit also holds ``<name>_sim``
+(the simulator) and ``<name>_model`` (a :class:`~torchem.model.ModelSpec`
+bundle of ``id``, ``spec``, ``desc``, ``sim`` and ``fit``), unless the module
+defines that name itself.  A model added to :data:`MODELS` gets them without
+further code.  ``rl_mf``, ``rl_mb`` and ``social_discounting`` are pyEM's
+module names for parts of ``rl``, ``twostep`` and ``discounting``.
 """
 from __future__ import annotations
 
+import inspect
+import re
+import sys
 from typing import Callable
 
+from ..model import ModelSpec
 from . import bayes, ddm, discounting, glm, pt, rl, sdt, twostep
 
 __all__ = ["rl", "twostep", "bayes", "glm", "sdt", "pt", "discounting", "ddm", "MODELS", "get_model"]
@@ -53,3 +65,35 @@ def get_model(name: str) -> Callable:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}") from None
+
+
+def _bundle(name: str, fit: Callable, sim: Callable | None) -> ModelSpec:
+    """pyEM's ``ModelSpec`` of a registry model: description and spec from the fit's own declarations."""
+    summary = (inspect.getdoc(fit) or name).split("\n\n")[0].replace("\n", " ")
+    summary = re.sub(r":\w+:`([^`]*)`", r"\1", summary).replace("``", "")  # plain text, no reST roles
+    xforms = [getattr(t, "__name__", repr(t)) for t in fit.param_xform]
+    params = ", ".join(f"{p} ({t})" for p, t in zip(fit.param_names, xforms))
+    if getattr(fit, "params_for_data", None) is not None:
+        params += "; one weight per predictor column (shown for three)"
+    desc = f"{summary}\nFree parameters: {params}.\nData: {', '.join(fit.inputs)}."
+    spec = {"family": fit.__module__.rsplit(".", 1)[-1], "params": dict(zip(fit.param_names, xforms)),
+            "inputs": list(fit.inputs)}
+    return ModelSpec(id=name, spec=spec, desc=desc, params=None, sim=sim, fit=fit)
+
+
+def _add_pyem_names() -> None:
+    """Give every registry model pyEM's ``<name>_sim`` and ``<name>_model`` in the module of its fit."""
+    for name, fit in MODELS.items():
+        module = sys.modules[fit.__module__]
+        exported = getattr(module, "__all__", None)
+        if not hasattr(module, f"{name}_sim") and fit.simulate is not None:
+            setattr(module, f"{name}_sim", fit.simulate)
+            if exported is not None:
+                exported.append(f"{name}_sim")
+        if not hasattr(module, f"{name}_model"):
+            setattr(module, f"{name}_model", _bundle(name, fit, getattr(module, f"{name}_sim", fit.simulate)))
+            if exported is not None:
+                exported.append(f"{name}_model")
+
+
+_add_pyem_names()

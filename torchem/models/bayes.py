@@ -54,7 +54,7 @@ def _check_fish(batch) -> None:
 
 
 @model_spec(param_names=["lambda1"], param_xform=[norm2alpha], inputs=["choices", "observations"],
-            check_data=_check_fish)
+            categorical=[("choices", "observations")], check_data=_check_fish)
 def bayes_fit(params: torch.Tensor, choices: torch.Tensor, observations: torch.Tensor,
               mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Pond/fish belief updating with one likelihood parameter ``lambda1`` (see the module docstring).
@@ -105,7 +105,7 @@ def bayes_fit(params: torch.Tensor, choices: torch.Tensor, observations: torch.T
 
 
 def bayes_simulate(params: np.ndarray, nblocks: int = 10, ntrials: int = 15, pond_prob: float = 0.8,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, n_fish: int = N_PONDS) -> dict:
     """Simulate :func:`bayes_fit` observers.
 
     Parameters
@@ -120,14 +120,21 @@ def bayes_simulate(params: np.ndarray, nblocks: int = 10, ntrials: int = 15, pon
         the task's true fish distribution, independent of the observer's ``lambda1``.
     seed : int, optional
         Seed of the random stream.
+    n_fish : int
+        pyEM's number of fish colours (and ponds); the task has 3, and other
+        values raise ``ValueError`` (pyEM's own pond compositions are 3 x 3 too).
 
     Returns
     -------
     dict
         ``params`` ``(S, 1)``, ``choices`` and ``observations`` ``(S, B, T)``
         int, ``ponds`` ``(S, B, T)`` (the true pond), ``posterior``
-        ``(S, B, T+1, 3)``, ``ch_prob`` ``(S, B, T, 3)``.
+        ``(S, B, T+1, 3)`` (also under pyEM's name ``probabilities``),
+        ``ch_prob`` ``(S, B, T, 3)``.
     """
+    if n_fish != N_PONDS:
+        raise ValueError(f"n_fish must be {N_PONDS}: the fish task has {N_PONDS} ponds and {N_PONDS} colours, "
+                         f"got {n_fish!r}")
     params = natural_params(params, bayes_fit.param_names)
     S = params.shape[0]
     rng = np.random.default_rng(seed)
@@ -154,7 +161,7 @@ def bayes_simulate(params: np.ndarray, nblocks: int = 10, ntrials: int = 15, pon
             u = rng.random(S)[:, None]
             choices[:, b, t] = np.minimum((u > np.cumsum(p, 1)).sum(1), N_PONDS - 1)
     return {"params": params.copy(), "choices": choices, "observations": obs.astype(np.int64), "ponds": ponds,
-            "posterior": post, "ch_prob": post[:, :, 1:]}
+            "posterior": post, "probabilities": post, "ch_prob": post[:, :, 1:]}
 
 
 bayes_fit.simulate = bayes_simulate

@@ -78,9 +78,9 @@ PED_BENEFICIARY = np.repeat([0.0, 1.0], 7)
 
 def _checker(positive: list[int], unit: list[int] = (), binary: list[int] = ()) -> Callable:
     def check(batch) -> None:
-        check_categorical(batch, 0, 2)
+        check_categorical(batch, 0, 2, "1 = the discounted option was chosen, 0 = the baseline")
         for j in binary:
-            check_categorical(batch, j, 2)
+            check_categorical(batch, j, 2, "0 = self, 1 = other")
         for j in positive:
             reject_subject(batch, (batch.data[j] <= 0) & batch.mask, j, "must be > 0")
         for j in unit:
@@ -152,7 +152,7 @@ _SD_DOC = """Parameters
 
 
 @model_spec(param_names=["w_other", "k"], param_xform=[norm2beta, norm2beta], inputs=_SD_INPUTS,
-            check_data=_SD_CHECK)
+            responses=["choices"], check_data=_SD_CHECK)
 def sd_hyp_wk_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                   mask=None, output="nll"):
     r"""Hyperbolic social discounting with an other-regarding weight: :math:`U_{other} = w r / (1 + k N)`.
@@ -166,7 +166,7 @@ def sd_hyp_wk_fit(params, choices, self_selfish, other_selfish, self_prosocial, 
                    mask, output, lambda r, n, w, k: w * r / (1.0 + k * n))
 
 
-@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, check_data=_SD_CHECK)
+@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, responses=["choices"], check_data=_SD_CHECK)
 def sd_hyp_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                  mask=None, output="nll"):
     r"""Hyperbolic social discounting: :math:`U_{other} = r / (1 + k N)`.
@@ -179,7 +179,7 @@ def sd_hyp_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, o
                    mask, output, lambda r, n, k: r / (1.0 + k * n))
 
 
-@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, check_data=_SD_CHECK)
+@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, responses=["choices"], check_data=_SD_CHECK)
 def sd_par_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                  mask=None, output="nll"):
     r"""Parabolic social discounting: :math:`U_{other} = r - k N^2` (0 when the other gets nothing).
@@ -192,7 +192,7 @@ def sd_par_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, o
                    mask, output, lambda r, n, k: _gated(r, r - k * n ** 2))
 
 
-@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, check_data=_SD_CHECK)
+@model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_SD_INPUTS, responses=["choices"], check_data=_SD_CHECK)
 def sd_lin_k_fit(params, choices, self_selfish, other_selfish, self_prosocial, other_prosocial, distance,
                  mask=None, output="nll"):
     r"""Linear social discounting: :math:`U_{other} = r - k N` (0 when the other gets nothing).
@@ -228,7 +228,7 @@ _TWO_DOC = """Parameters
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=["choices", "sooner", "later", "delay"],
-            check_data=_checker(positive=[3]))
+            responses=["choices"], check_data=_checker(positive=[3]))
 def td_hyp_k_fit(params, choices, sooner, later, delay, mask=None, output="nll"):
     r"""Hyperbolic temporal discounting (Mazur, 1987): :math:`V_{later} = r_{later} / (1 + k D)`.
 
@@ -240,7 +240,7 @@ def td_hyp_k_fit(params, choices, sooner, later, delay, mask=None, output="nll")
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=["choices", "certain", "risky", "prob"],
-            check_data=_checker(positive=[], unit=[3]))
+            responses=["choices"], check_data=_checker(positive=[], unit=[3]))
 def prd_hyp_k_fit(params, choices, certain, risky, prob, mask=None, output="nll"):
     r"""Hyperbolic probability discounting (Rachlin et al., 1991): :math:`V = r / (1 + k (1 - p) / p)`.
 
@@ -254,7 +254,7 @@ def prd_hyp_k_fit(params, choices, certain, risky, prob, mask=None, output="nll"
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=["choices", "reward_low", "reward_high", "effort"],
-            check_data=_checker(positive=[3]))
+            responses=["choices"], check_data=_checker(positive=[3]))
 def ed_par_k_fit(params, choices, reward_low, reward_high, effort, mask=None, output="nll"):
     r"""Parabolic effort discounting: :math:`V_{high} = r_{high} - k E^2`.
 
@@ -270,7 +270,7 @@ _PED_INPUTS = ["choices", "reward_low", "reward_high", "effort", "beneficiary"]
 
 
 @model_spec(param_names=["k"], param_xform=[norm2beta], inputs=_PED_INPUTS,
-            check_data=_checker(positive=[3], binary=[4]))
+            responses=["choices"], check_data=_checker(positive=[3], binary=[4]))
 def ped_par_k_fit(params, choices, reward_low, reward_high, effort, beneficiary, mask=None, output="nll"):
     r"""Prosocial effort discounting, one ``k`` for self and other: :math:`V_{high} = r_{high} - k E^2`.
 
@@ -284,7 +284,7 @@ def ped_par_k_fit(params, choices, reward_low, reward_high, effort, beneficiary,
 
 
 @model_spec(param_names=["k_self", "k_other"], param_xform=[norm2beta, norm2beta], inputs=_PED_INPUTS,
-            check_data=_checker(positive=[3], binary=[4]))
+            responses=["choices"], check_data=_checker(positive=[3], binary=[4]))
 def ped_par_2k_fit(params, choices, reward_low, reward_high, effort, beneficiary, mask=None, output="nll"):
     r"""Prosocial effort discounting with separate ``k`` for self and other (Lockwood et al., 2017).
 
@@ -344,28 +344,36 @@ def _blocks(payouts: np.ndarray, levels: np.ndarray, item_ndim: int) -> tuple[np
     return pay, np.broadcast_to(levels[:, None], pay.shape[:2])
 
 
-def _simulate(fit, params, fields: list[np.ndarray], seed) -> dict:
-    """Draw choices from ``fit``'s own probabilities on the design ``fields`` ``(B, T)`` (shared by subjects)."""
+def _simulate(fit, params, fields: list[np.ndarray], design: dict[str, np.ndarray], seed) -> dict:
+    """Draw choices from ``fit``'s own probabilities on the design ``fields`` ``(B, T)`` (shared by subjects).
+
+    ``design`` holds the design under pyEM's names (``payouts`` ``(B, T, ...)``
+    and the per-block discounting variable ``(B,)``); each is returned with a
+    leading subject axis, as pyEM's simulators return them.
+    """
     p = natural_params(params, fit.param_names)
     S = len(p)
     data = [np.broadcast_to(f, (S,) + f.shape).copy() for f in fields]
     out = model_output(fit, p, np.zeros(data[0].shape), *data)
     choices = simulate_bernoulli(out["p_discounted"], np.random.default_rng(seed))
+    pyem = {k: np.broadcast_to(v, (S,) + v.shape).copy() for k, v in design.items()}
     return {"params": p.copy(), **dict(zip(fit.inputs, [choices] + data)), "p_discounted": out["p_discounted"],
-            "delta_V": out["delta_V"]}
+            "delta_V": out["delta_V"], **pyem}
 
 
 def _social_simulate(fit, params, payouts, social_dists, seed):
     pay, n = _blocks(SOCIAL_PAYOUTS if payouts is None else payouts,
                      SOCIAL_DISTS if social_dists is None else social_dists, 2)
-    return _simulate(fit, params, [pay[..., 0, 0], pay[..., 0, 1], pay[..., 1, 0], pay[..., 1, 1], n], seed)
+    return _simulate(fit, params, [pay[..., 0, 0], pay[..., 0, 1], pay[..., 1, 0], pay[..., 1, 1], n],
+                     {"payouts": pay, "social_dists": n[:, 0]}, seed)
 
 
-def _two_simulate(fit, params, payouts, levels, seed, extra_levels=()):
+def _two_simulate(fit, params, payouts, levels, level_name: str, seed, extra_levels=()):
     """``extra_levels``: further per-block fields (e.g. the beneficiary), spread over each block's trials."""
     pay, v = _blocks(LADDER if payouts is None else payouts, levels, 1)
     extra = [np.broadcast_to(np.asarray(x, dtype=float)[:, None], v.shape) for x in extra_levels]
-    return _simulate(fit, params, [pay[..., 0], pay[..., 1], v, *extra], seed)
+    return _simulate(fit, params, [pay[..., 0], pay[..., 1], v, *extra], {"payouts": pay, level_name: v[:, 0]},
+                     seed)
 
 
 _SIM_DOC = """Parameters
@@ -383,7 +391,9 @@ _SIM_DOC = """Parameters
     -------
     dict
         ``params``, the fit function's inputs ``(S, B, T)`` (``choices`` int
-        0/1, 1 = discounted option), ``p_discounted`` and ``delta_V``.
+        0/1, 1 = discounted option), ``p_discounted`` and ``delta_V``, and
+        the design under pyEM's names: ``payouts`` ``(S, B, T, ...)`` and
+        ``{var}`` ``(S, B)`` (one value per block).
     """
 _SOC_PAY = ("``(T, 2, 2)`` per trial (every block) or ``(B, T, 2, 2)``, indexed ``[option (selfish, "
             "prosocial), recipient (self, other)]``; default :data:`SOCIAL_PAYOUTS`.")
@@ -408,17 +418,18 @@ sd_lin_k_simulate = _make_social_sim(sd_lin_k_fit)
 
 def td_hyp_k_simulate(params: np.ndarray, payouts: np.ndarray | None = None, delays: np.ndarray | None = None,
                       seed: int | None = None) -> dict:
-    return _two_simulate(td_hyp_k_fit, params, payouts, DELAYS if delays is None else delays, seed)
+    return _two_simulate(td_hyp_k_fit, params, payouts, DELAYS if delays is None else delays, "delays", seed)
 
 
 def prd_hyp_k_simulate(params: np.ndarray, payouts: np.ndarray | None = None, probs: np.ndarray | None = None,
                        seed: int | None = None) -> dict:
-    return _two_simulate(prd_hyp_k_fit, params, payouts, PROBS if probs is None else probs, seed)
+    return _two_simulate(prd_hyp_k_fit, params, payouts, PROBS if probs is None else probs, "probs", seed)
 
 
 def ed_par_k_simulate(params: np.ndarray, payouts: np.ndarray | None = None, effort_levels: np.ndarray | None = None,
                       seed: int | None = None) -> dict:
-    return _two_simulate(ed_par_k_fit, params, payouts, EFFORTS if effort_levels is None else effort_levels, seed)
+    return _two_simulate(ed_par_k_fit, params, payouts, EFFORTS if effort_levels is None else effort_levels,
+                         "effort_levels", seed)
 
 
 def _ped_simulate(fit, params, payouts, effort_levels, beneficiary, seed):
@@ -426,7 +437,7 @@ def _ped_simulate(fit, params, payouts, effort_levels, beneficiary, seed):
     ben = PED_BENEFICIARY if beneficiary is None else np.asarray(beneficiary, dtype=float)
     if ben.shape != e.shape:
         raise ValueError(f"beneficiary needs one value per block like effort_levels ({e.size}), got {ben.size}")
-    return _two_simulate(fit, params, payouts, e, seed, extra_levels=(ben,))
+    return _two_simulate(fit, params, payouts, e, "effort_levels", seed, extra_levels=(ben,))
 
 
 def ped_par_k_simulate(params: np.ndarray, payouts: np.ndarray | None = None, effort_levels: np.ndarray | None = None,

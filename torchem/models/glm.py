@@ -58,8 +58,12 @@ def _n_weights(batch) -> int:
     return X.shape[-1]
 
 
-def _family(extra: list[tuple[str, object]], binary: bool):
-    """``params_for_data`` and ``check_data`` for a model with ``K`` weights followed by ``extra``."""
+def _family(extra: list[tuple[str, object]], binary: bool, skips: bool = True):
+    """``model_spec`` keywords for a model with ``K`` weights followed by ``extra``.
+
+    ``skips``: a masked trial may sit inside the sequence (the trials are
+    independent), so ``Y`` is declared a response that can be missing.
+    """
     def params_for_data(batch):
         K = _n_weights(batch)
         return [f"b{j}" for j in range(K)] + [n for n, _ in extra], [identity] * K + [t for _, t in extra]
@@ -67,12 +71,12 @@ def _family(extra: list[tuple[str, object]], binary: bool):
     def check(batch):
         _n_weights(batch)
         if binary:
-            check_categorical(batch, 1, 2)
+            check_categorical(batch, 1, 2, "1 = the outcome happened, 0 = it did not")
 
     names = [f"b{j}" for j in range(_DEFAULT_K)] + [n for n, _ in extra]
     xforms = [identity] * _DEFAULT_K + [t for _, t in extra]
     return {"param_names": names, "param_xform": xforms, "inputs": _INPUTS, "check_data": check,
-            "params_for_data": params_for_data}
+            "params_for_data": params_for_data, "responses": ["Y"] if skips else []}
 
 
 def _per_subject(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -184,7 +188,7 @@ def glm_fit(params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mask: torch.
     return _gaussian(params, X, Y, mask, output, None)
 
 
-@model_spec(**_family([("gamma", norm2alpha), ("sigma", norm2exp)], binary=False))
+@model_spec(**_family([("gamma", norm2alpha), ("sigma", norm2exp)], binary=False, skips=False))
 def glm_decay_fit(params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor | None = None,
                   output: str = "nll"):
     r"""Gaussian regression on exponentially discounted predictors.
@@ -205,7 +209,7 @@ def glm_decay_fit(params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mask: 
     return _gaussian(params, X, Y, mask, output, "gamma")
 
 
-@model_spec(**_family([("phi", norm2corr), ("sigma", norm2exp)], binary=False))
+@model_spec(**_family([("phi", norm2corr), ("sigma", norm2exp)], binary=False, skips=False))
 def glm_ar_fit(params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor | None = None,
                output: str = "nll"):
     r"""Linear regression with a first-order autoregressive term on the observed outcome.
@@ -243,7 +247,7 @@ def logit_fit(params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mask: torc
     return _logistic(params, X, Y, mask, output, False)
 
 
-@model_spec(**_family([("gamma", norm2alpha)], binary=True))
+@model_spec(**_family([("gamma", norm2alpha)], binary=True, skips=False))
 def logit_decay_fit(params: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor | None = None,
                     output: str = "nll"):
     r"""Logistic regression on exponentially discounted predictors (see :func:`glm_decay_fit`).

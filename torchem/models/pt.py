@@ -47,14 +47,17 @@ Cumulative representation of uncertainty. *Journal of Risk and Uncertainty*,
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import norm2alpha, norm2beta
 from .common import bernoulli_nll, default_mask, fill_padding, model_output, simulate_bernoulli
 
-__all__ = ["pt_fit", "pt_simulate", "pt_design"]
+__all__ = ["pt_fit", "pt_simulate", "pt_design", "pt_value", "pt_weight"]
 
 
 def _check_pt(batch) -> None:
@@ -66,7 +69,35 @@ def _check_pt(batch) -> None:
     probs = batch.data[1]
     bad = (((probs < 0) | (probs > 1)).any(-1) | (probs.sum(-1) > 1 + 1e-9)) & batch.mask
     reject_subject(batch, bad, 1, "must hold probabilities in [0, 1] summing to at most 1")
-    check_categorical(batch, 3, 2)
+    check_categorical(batch, 3, 2, "1 = the gamble was chosen, 0 = the certain amount")
+
+
+def _on_arrays(fn, x, *args):
+    """``fn`` (written for tensors) on floats or numpy arrays: numpy out, a float for a scalar ``x``."""
+    out = fn(torch.as_tensor(np.asarray(x, dtype=float)), *(torch.as_tensor(np.asarray(a, dtype=float)) for a in args))
+    return float(out) if np.ndim(x) == 0 else out.numpy()
+
+
+def pt_value(x: ArrayLike | torch.Tensor, alpha: Any, beta: Any, lam: Any) -> np.ndarray | torch.Tensor | float:
+    r"""Prospect-theory value: :math:`v(x) = x^\alpha` for :math:`x \ge 0`, :math:`-\lambda (-x)^\beta` below 0.
+
+    Elementwise.  Tensors in: a tensor out, differentiable in every argument;
+    floats or arrays in: a numpy array out (a float for a scalar ``x``), as pyEM's ``pt_value``.
+    """
+    if isinstance(x, torch.Tensor):
+        return _value(x, alpha, beta, lam)
+    return _on_arrays(_value, x, alpha, beta, lam)
+
+
+def pt_weight(p: ArrayLike | torch.Tensor, gamma: Any) -> np.ndarray | torch.Tensor | float:
+    r"""Probability weighting :math:`w(p) = p^\gamma / (p^\gamma + (1 - p)^\gamma)^{1/\gamma}` (TK 1992).
+
+    Elementwise, with :math:`w(0) = 0` and :math:`w(1) = 1`.  Tensors in: a
+    tensor out; floats or arrays in: numpy (a float for a scalar ``p``), as pyEM's ``pt_weight``.
+    """
+    if isinstance(p, torch.Tensor):
+        return _weight(p, gamma)
+    return _on_arrays(_weight, p, gamma)
 
 
 def _value(x: torch.Tensor, alpha, beta, lam) -> torch.Tensor:
@@ -84,7 +115,7 @@ def _weight(p: torch.Tensor, gamma) -> torch.Tensor:
 
 @model_spec(param_names=["alpha", "beta", "lambda", "gamma", "mu"],
             param_xform=[norm2alpha, norm2alpha, norm2beta, norm2alpha, norm2beta],
-            inputs=["gamble", "probs", "certain", "choice"], check_data=_check_pt)
+            inputs=["gamble", "probs", "certain", "choice"], responses=["choice"], check_data=_check_pt)
 def pt_fit(params: torch.Tensor, gamble: torch.Tensor, probs: torch.Tensor, certain: torch.Tensor,
            choice: torch.Tensor, mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Cumulative prospect theory, sure amount vs two-outcome gamble (Tversky & Kahneman, 1992).

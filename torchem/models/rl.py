@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import check_categorical, model_spec, natural_params
+from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import norm2alpha, norm2beta
 from .common import as_blocks, default_mask, fill_padding
 
@@ -99,7 +99,8 @@ def _rw_bandit(beta: torch.Tensor, alpha_pos: torch.Tensor, alpha_neg: torch.Ten
 
 
 @model_spec(param_names=["beta", "alpha"], param_xform=[norm2beta, norm2alpha],
-            inputs=["choices", "rewards"], check_data=_check_bandit)
+            inputs=["choices", "rewards"], categorical=["choices"],
+            responses=["choices"], check_data=_check_bandit)
 def rw1a1b_fit(params: torch.Tensor, choices: torch.Tensor, rewards: torch.Tensor,
                mask: torch.Tensor | None = None, output: str = "nll"):
     """Rescorla-Wagner, one learning rate, one inverse temperature.
@@ -127,7 +128,8 @@ def rw1a1b_fit(params: torch.Tensor, choices: torch.Tensor, rewards: torch.Tenso
 
 
 @model_spec(param_names=["beta", "alpha_pos", "alpha_neg"], param_xform=[norm2beta, norm2alpha, norm2alpha],
-            inputs=["choices", "rewards"], check_data=_check_bandit)
+            inputs=["choices", "rewards"], categorical=["choices"],
+            responses=["choices"], check_data=_check_bandit)
 def rw2a1b_fit(params: torch.Tensor, choices: torch.Tensor, rewards: torch.Tensor,
                mask: torch.Tensor | None = None, output: str = "nll"):
     """Rescorla-Wagner with separate learning rates for positive and negative prediction errors.
@@ -234,7 +236,8 @@ _RW3_CHANNELS = ("self", "other", "noone")
 
 @model_spec(param_names=["beta", "alpha_self", "alpha_other", "alpha_noone"],
             param_xform=[norm2beta, norm2alpha, norm2alpha, norm2alpha],
-            inputs=["choices", "rewards_self", "rewards_other", "rewards_noone"], check_data=_check_bandit)
+            inputs=["choices", "rewards_self", "rewards_other", "rewards_noone"], categorical=["choices"],
+            responses=["choices"], check_data=_check_bandit)
 def rw3a1b_fit(params: torch.Tensor, choices: torch.Tensor, rewards_self: torch.Tensor,
                rewards_other: torch.Tensor, rewards_noone: torch.Tensor,
                mask: torch.Tensor | None = None, output: str = "nll"):
@@ -430,30 +433,24 @@ def rw3a1b_simulate(params: np.ndarray, nblocks: int = 9, ntrials: int = 16,
 
 def _check_rw4(batch) -> None:
     names = batch.names
-    cats = {names[j]: batch.categories.get(names[j]) for j in (0, 3, 4)}
-    labelled = [n for n, v in cats.items() if v is not None]
-    if labelled and (len(labelled) < 3 or not (cats[names[0]] == cats[names[3]] == cats[names[4]])):
+    cats = [batch.categories.get(names[j]) for j in (0, 3, 4)]
+    if any(c is not None for c in cats) and not cats[0] == cats[1] == cats[2]:
         raise ValueError(
-            f"fields {names[0]!r}, {names[3]!r}, {names[4]!r} must share one coding of the four options; "
-            f"got labels {cats}; give numeric option codes 0-3 (or labels of which every one appears in "
-            "all three fields)")
+            f"fields {names[0]!r}, {names[3]!r}, {names[4]!r} must share one coding of the four options; got labels "
+            f"{dict(zip((names[0], names[3], names[4]), cats))}; give numeric option codes 0-3, or labels coded "
+            "together (the model's categorical declaration does this)")
     for j in (0, 3, 4):
         check_categorical(batch, j, 4)
     c, left, right, m = batch.data[0], batch.data[3], batch.data[4], batch.mask
-    for bad, what in (((left == right) & m, "offers the same option twice"),
-                      ((c != left) & (c != right) & m, "chose an option that was not offered")):
-        if bad.any():
-            s = int(bad.reshape(len(batch), -1).any(1).nonzero()[0])
-            where = tuple(int(i) for i in bad[s].nonzero()[0])
-            raise ValueError(f"subject {batch.subject_ids[s]!r}: field '{names[0] if 'chose' in what else names[3]}'"
-                             f" at trial index {where}: the trial {what} ({names[3]}={int(left[s][where])}, "
-                             f"{names[4]}={int(right[s][where])}, {names[0]}={int(c[s][where])})")
+    reject_subject(batch, (left == right) & m, 3, f"offers the same option twice ('{names[4]}' is the same)")
+    reject_subject(batch, (c != left) & (c != right) & m, 0,
+                   f"is an option that was not offered (not in '{names[3]}' or '{names[4]}')")
 
 
 @model_spec(param_names=["beta", "alpha_self_pos", "alpha_self_neg", "alpha_other_pos", "alpha_other_neg"],
             param_xform=[norm2beta, norm2alpha, norm2alpha, norm2alpha, norm2alpha],
             inputs=["choices", "outcomes_self", "outcomes_other", "option_left", "option_right"],
-            check_data=_check_rw4)
+            categorical=[("choices", "option_left", "option_right")], responses=["choices"], check_data=_check_rw4)
 def rw4a1b_fit(params: torch.Tensor, choices: torch.Tensor, outcomes_self: torch.Tensor,
                outcomes_other: torch.Tensor, option_left: torch.Tensor, option_right: torch.Tensor,
                mask: torch.Tensor | None = None, output: str = "nll"):
@@ -481,9 +478,9 @@ def rw4a1b_fit(params: torch.Tensor, choices: torch.Tensor, outcomes_self: torch
     Data (``columns=`` for a DataFrame, in this order): ``choice`` (the chosen
     option's code 0-3), ``outcome_self``, ``outcome_other`` (real, e.g.
     -1/0/+1), ``option_left``, ``option_right`` (codes 0-3 of the two offered
-    options; their order does not matter).  Give the option codes as numbers;
-    text labels are coded per column, so they only work when every label
-    appears in all three columns.  With ``block=`` values reset every block.
+    options; their order does not matter).  Text labels for the options are
+    coded together over the three columns (one coding of the four options).
+    With ``block=`` values reset every block.
 
     Parameters
     ----------
@@ -590,7 +587,8 @@ def rw4a1b_simulate(params: np.ndarray, nblocks: int = 12, ntrials: int = 20,
     dict
         ``params``, ``choices`` (option codes 0-3), ``outcomes_self``,
         ``outcomes_other``, ``option_left``, ``option_right`` (all ``(S, B, T)``),
-        ``EV`` ``(S, B, T+1, 4)``, ``PE_self``, ``PE_other`` ``(S, B, T)``,
+        ``option_pairs`` ``(S, B, T, 2)`` (left and right together, pyEM's
+        name), ``EV`` ``(S, B, T+1, 4)``, ``PE_self``, ``PE_other`` ``(S, B, T)``,
         ``ch_prob`` ``(S, B, T, 4)``.
     """
     params = natural_params(params, rw4a1b_fit.param_names)
@@ -636,7 +634,8 @@ def rw4a1b_simulate(params: np.ndarray, nblocks: int = 12, ntrials: int = 20,
             PE_s[:, b, t], PE_o[:, b, t] = pe_s, pe_o
         EV[:, b, ntrials] = v
     return {"params": params.copy(), "choices": out["choices"], "outcomes_self": o_self, "outcomes_other": o_other,
-            "option_left": out["option_left"], "option_right": out["option_right"], "EV": EV,
+            "option_left": out["option_left"], "option_right": out["option_right"],
+            "option_pairs": np.stack([out["option_left"], out["option_right"]], -1), "EV": EV,
             "PE_self": PE_s, "PE_other": PE_o, "ch_prob": ch_prob}
 
 

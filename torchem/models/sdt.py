@@ -34,12 +34,12 @@ __all__ = ["sdt_fit", "sdt_simulate"]
 
 
 def _check_sdt(batch) -> None:
-    check_categorical(batch, 0, 2)
-    check_categorical(batch, 1, 2)
+    check_categorical(batch, 0, 2, "1 = an old item, 0 = a new one")
+    check_categorical(batch, 1, 2, "1 = responded old, 0 = responded new")
 
 
 @model_spec(param_names=["dprime", "criterion"], param_xform=[norm2exp, identity], inputs=["is_old", "resp_old"],
-            check_data=_check_sdt)
+            responses=["resp_old"], check_data=_check_sdt)
 def sdt_fit(params: torch.Tensor, is_old: torch.Tensor, resp_old: torch.Tensor, mask: torch.Tensor | None = None,
             output: str = "nll"):
     r"""Equal-variance yes/no signal detection: :math:`P(\text{old}) = \Phi(\pm d'/2 - c)`.

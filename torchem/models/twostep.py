@@ -78,6 +78,10 @@ __all__ = ["hybrid_mbmf_fit", "hybrid_mbmf_simulate", "model_based_fit", "model_
 P_COMMON = 0.7
 _WALK_LO, _WALK_HI, _WALK_SD = 0.25, 0.75, 0.025
 _INPUTS = ["choices1", "states2", "choices2", "rewards"]
+# a second-stage state is named by the first-stage action that commonly leads to it, so the two share one coding
+_CATEGORICAL = [("choices1", "states2"), "choices2"]
+# a missed choice at either stage skips the whole trial (no choice terms, no updates, no perseveration)
+_RESPONSES = ["choices1", "choices2"]
 # z = [Q_MF(0), Q_MF(1), Q2(0,0), Q2(0,1), Q2(1,0), Q2(1,1)] -> [Q_MF(1) - Q_MF(0),
 #   (Q2(1,0) + Q2(1,1) - Q2(0,0) - Q2(0,1)) / 2, Q2(0,0) - Q2(0,1), Q2(1,0) - Q2(1,1)]
 _FEATURES = torch.tensor([[-1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, -0.5, 1.0, 0.0],
@@ -191,7 +195,8 @@ _OUTPUT_DOC = """output : {"nll", "all"}
 
 @model_spec(param_names=["beta1", "beta2", "alpha1", "alpha2", "lambda", "omega", "rep"],
             param_xform=[norm2exp, norm2exp, norm2alpha, norm2alpha, norm2alpha, norm2alpha, identity],
-            inputs=_INPUTS, check_data=_check_twostep)
+            inputs=_INPUTS, categorical=_CATEGORICAL, responses=_RESPONSES,
+            check_data=_check_twostep)
 def hybrid_mbmf_fit(params: torch.Tensor, choices1: torch.Tensor, states2: torch.Tensor, choices2: torch.Tensor,
                     rewards: torch.Tensor, mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Hybrid model-based / model-free learner of the two-step task (Daw et al. 2011).
@@ -232,7 +237,8 @@ def hybrid_mbmf_fit(params: torch.Tensor, choices1: torch.Tensor, states2: torch
 
 
 @model_spec(param_names=["beta1", "beta2", "alpha2", "rep"],
-            param_xform=[norm2exp, norm2exp, norm2alpha, identity], inputs=_INPUTS, check_data=_check_twostep)
+            param_xform=[norm2exp, norm2exp, norm2alpha, identity], inputs=_INPUTS, categorical=_CATEGORICAL, responses=_RESPONSES,
+            check_data=_check_twostep)
 def model_based_fit(params: torch.Tensor, choices1: torch.Tensor, states2: torch.Tensor, choices2: torch.Tensor,
                     rewards: torch.Tensor, mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Purely model-based learner of the two-step task: :func:`hybrid_mbmf_fit` with omega = 1.
@@ -265,7 +271,7 @@ def model_based_fit(params: torch.Tensor, choices1: torch.Tensor, states2: torch
 
 @model_spec(param_names=["beta1", "beta2", "alpha1", "alpha2", "lambda", "rep"],
             param_xform=[norm2exp, norm2exp, norm2alpha, norm2alpha, norm2alpha, identity], inputs=_INPUTS,
-            check_data=_check_twostep)
+            categorical=_CATEGORICAL, responses=_RESPONSES, check_data=_check_twostep)
 def sarsa_lambda_fit(params: torch.Tensor, choices1: torch.Tensor, states2: torch.Tensor, choices2: torch.Tensor,
                      rewards: torch.Tensor, mask: torch.Tensor | None = None, output: str = "nll"):
     r"""Purely model-free SARSA(lambda) learner of the two-step task: :func:`hybrid_mbmf_fit` with omega = 0.
