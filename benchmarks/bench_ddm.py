@@ -66,7 +66,8 @@ def np_log_f(u: np.ndarray, w: np.ndarray, err: float = 1e-10) -> np.ndarray:
         k_l = np.where(a_l < 1, np.maximum(np.sqrt(-2 * np.log(np.where(a_l < 1, a_l, 0.5)) / (np.pi ** 2 * u)),
                                            1 / (np.pi * np.sqrt(u))), 1 / (np.pi * np.sqrt(u)))
         a_s = 2 * np.sqrt(2 * np.pi * u) * err
-        k_s = np.where(a_s < 1, np.maximum(2 + np.sqrt(-2 * u * np.log(np.where(a_s < 1, a_s, 0.5))), np.sqrt(u) + 1), 2)
+        k_s = np.where(a_s < 1, np.maximum(2 + np.sqrt(-2 * u * np.log(np.where(a_s < 1, a_s, 0.5))),
+                                           np.sqrt(u) + 1), 2)
     small = k_s < k_l
     out = np.empty_like(u)
     if (~small).any():
@@ -128,7 +129,8 @@ def baseline_em(data: list, P: int, variability: bool, maxit: int, rng: np.rando
         m, inv_h = np.empty((S, P)), np.empty((S, P, P))
         for i in range(S):
             def f(x, d=data[i]):
-                return np_nll(x, *d, variability) + float(np.sum(0.5 * (LOG_2PI + np.log(var)) + 0.5 * (x - mu) ** 2 / var))
+                prior = np.sum(0.5 * (LOG_2PI + np.log(var)) + 0.5 * (x - mu) ** 2 / var)
+                return np_nll(x, *d, variability) + float(prior)
             res = scipy.optimize.minimize(f, 0.1 * rng.standard_normal(P), method="BFGS")
             m[i], inv_h[i] = res.x, res.hess_inv
             n_fev += res.nfev

@@ -68,7 +68,7 @@ DESIGNS = {
     "ddm7_lotto": ({"ntrials": 500}, "500 trials, risky vs safe"),
     "rlddm": ({"nblocks": 4, "ntrials": 30}, "4 blocks x 30 trials, reward p 0.8 / 0.2 (better option alternates)"),
 }
-#: Subjects per model where not ``--subjects`` (the drift-diffusion studies of the issue that added them).
+#: Subjects per model where not ``--subjects`` (the drift-diffusion studies: 100 subjects each).
 NSUBJECTS = {"ddm4": 100, "ddm4_lotto": 100, "ddm7": 100, "ddm7_lotto": 100, "rlddm": 100}
 
 _K = {"k": (float(np.log(0.05 / 19.95)), 1.0)}  # norm2beta: k around 0.05 (0.02-0.14)
@@ -140,7 +140,8 @@ def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
     rec = model.recover(true, seed=seed + 1, fit_kwargs=fit_kwargs, **design)
     seconds = time.perf_counter() - t0
     res = rec["fit_result"]
-    return {"model": name, "design": text, "nsubjects": nsubjects, "r": dict(zip(rec["param_names"], rec["correlation"])),
+    return {"model": name, "design": text, "nsubjects": nsubjects,
+            "r": dict(zip(rec["param_names"], rec["correlation"])),
             "seconds": seconds, "iterations": res.n_iter, "converged": bool(res.convergence)}
 
 

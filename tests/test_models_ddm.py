@@ -73,7 +73,8 @@ def _pyem_rule(rt, v, a, z, t0, sv, st, sz, n=11):
 def test_marginal_cases_against_pyem_and_exact_integrals(reference):
     cases = reference["marginal_st_sz"]
     args = lambda m: (m["rt"], m["v"], m["a"], m["z_center"], m["t0"], m["sv"], m["st"], m["sz"])  # noqa: E731
-    for m in cases[:4]:  # the t0 interval ends before rt and the start interval lies inside (0, 1): pyEM's rule is exact
+    # cases 1-4: the t0 interval ends before rt and the start interval lies inside (0, 1), where pyEM's rule holds
+    for m in cases[:4]:
         got = float(D.wfpt_marginal_logpdf(*args(m), n_st=11, n_sz=11))
         assert abs(got - m["logp_lower"]) < 1e-6
         assert abs(float(D.wfpt_marginal_logpdf(*args(m))) - m["logp_lower"]) < 1e-5  # default orders 7, 5
@@ -228,6 +229,12 @@ def test_names_transforms_and_columns_are_pyems():
         torch.testing.assert_close(inverse_of(t)(t(x)), x)
 
 
+def test_models_are_registered_for_the_command_line_and_the_dashboard():
+    assert set(NAMES) <= set(MODELS)
+    dashboard = pytest.importorskip("torchem.widgets.dashboard")
+    assert set(NAMES) <= set(dashboard._library_models())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_padding_ignored_and_hessian_exact(name):
     design = {"nblocks": 3, "ntrials": 12} if name == "rlddm" else {"ntrials": 40}
@@ -269,7 +276,8 @@ def test_values_gradients_and_hessians_finite_everywhere(name, dtype):
 def test_responses_before_t0_are_smooth_contaminants():
     fit = MODELS["ddm4"]
     rt = torch.tensor([[0.25, 0.6, 0.9, 1.4]], dtype=torch.float64)
-    data = [rt, torch.tensor([[1, 1, 0, 1]]), torch.tensor([[2.0, 2.5, 3.0, 2.0]]), torch.tensor([[1.5, 1.5, 2.0, 1.0]])]
+    data = [rt, torch.tensor([[1, 1, 0, 1]]), torch.tensor([[2.0, 2.5, 3.0, 2.0]]),
+            torch.tensor([[1.5, 1.5, 2.0, 1.0]])]
     t0s = torch.linspace(0.2, 0.3, 201, dtype=torch.float64)  # t0 crosses the fastest response (0.25 s)
     x = normalized(fit, np.array([[1.0, 1.5, 0.25, 0.5]])).repeat(len(t0s), 1)
     x[:, 2] = inverse_of(D.t0_xform)(t0s)
@@ -463,26 +471,24 @@ def _recovery(name: str, nsubjects: int, seed: int, **design) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, thresholds", [
-    ("ddm4", {"v_coef": 0.88, "a": 0.93, "t0": 0.9, "z": 0.85}),
-    ("ddm4_lotto", {"v_coef": 0.88, "a": 0.93, "t0": 0.9, "z": 0.88}),
+@pytest.mark.parametrize("name, seed, design, thresholds", [  # the recovery table's studies (its seeds)
+    ("ddm4", 0, {"ntrials": 150}, {"v_coef": 0.92, "a": 0.95, "t0": 0.93, "z": 0.9}),
+    ("ddm4_lotto", 10, {"ntrials": 150}, {"v_coef": 0.9, "a": 0.95, "t0": 0.93, "z": 0.94}),
+    ("rlddm", 20, {"nblocks": 4, "ntrials": 30}, {"v_coef": 0.76, "a": 0.94, "t0": 0.93, "z": 0.94, "alpha": 0.84}),
 ])
-def test_recovery_ddm4(name, thresholds):
-    r = _recovery(name, 100, 0, ntrials=150)
+def test_recovery(name, seed, design, thresholds):
+    r = _recovery(name, 100, seed, **design)
     for k, v in thresholds.items():
         assert r[k] > v, (k, r[k])
 
 
 @pytest.mark.slow
-def test_recovery_rlddm():
-    r = _recovery("rlddm", 100, 0, nblocks=4, ntrials=30)
-    for k, v in {"v_coef": 0.8, "a": 0.9, "t0": 0.9, "z": 0.85, "alpha": 0.75}.items():
-        assert r[k] > v, (k, r[k])
-
-
-@pytest.mark.slow
 def test_recovery_ddm7():
-    """A smaller study than the recovery table's 100 x 500 (same generating distribution), to stay near a minute."""
+    """A smaller study than the recovery table's 100 x 500 (same generating distribution), to stay near a minute.
+
+    Measured: v_coef 0.91, a 0.98, t0 0.92, z 0.94, sv 0.67, st 0.59, sz 0.18: the drift SD and the
+    non-decision-time range are identified, the start-point range only weakly.
+    """
     r = _recovery("ddm7", 50, 1, ntrials=300)
-    for k, v in {"v_coef": 0.8, "a": 0.85, "t0": 0.8, "z": 0.8}.items():
+    for k, v in {"v_coef": 0.88, "a": 0.95, "t0": 0.9, "z": 0.9, "sv": 0.6, "st": 0.5}.items():
         assert r[k] > v, (k, r[k])
