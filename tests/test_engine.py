@@ -32,7 +32,8 @@ def _simulate(norm: np.ndarray, seed: int):
     return [[c, r] for c, r in zip(sim["choices"], sim["rewards"])]
 
 
-@pytest.mark.parametrize("family", ["gaussian", "full", "laplace", "student_t", "cauchy"])
+@pytest.mark.parametrize("family", ["gaussian", "full", "laplace", "student_t",
+                                    pytest.param("cauchy", marks=pytest.mark.slow)])  # cauchy crawls: ~1 min
 def test_every_family_fits_the_reference_set(reference_model, family):
     res = reference_model.fit(verbose=0, group=family)
     assert res.convergence and res.group_name == ("gaussian" if family == "full" else family)

@@ -42,7 +42,7 @@ from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
 from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
 from .checkpoint import load_checkpoint, save_checkpoint
-from .groups import GroupFamily, make_group
+from .groups import GaussianGroup, GroupFamily, make_group
 from .importance import ImportanceResult
 from .model import Model
 from .options import FitOptions
@@ -422,7 +422,7 @@ class EMRun:
         moves the shared value to the likelihood's optimum.
         """
         lik = self.laplace.lik
-        if lik is None or not isinstance(group, GroupFamily):
+        if lik is None or type(group) is not GaussianGroup:
             return group
         flat = (group.spread.diagonal() <= 1e-6).nonzero().squeeze(1)
         if flat.numel() == 0:
@@ -561,7 +561,7 @@ class EMRun:
 
         When a variance has fallen over the last two EM steps to below 0.05
         (normalized space), the E-step is run once with that variance at the
-        floor (1e-8; float64 fits only).  If the summed Laplace log evidence
+        floor (1e-8; float64 fits with a Gaussian group only).  If the summed Laplace log evidence
         there is not lower than at ``b`` and no subject's MAP search failed,
         the data prefer the boundary and EM goes on from it;
         otherwise the probe is recorded as rejected and not repeated for
@@ -570,6 +570,8 @@ class EMRun:
         the callback asked to stop.
         """
         if self.dtype != torch.float64:  # a variance of 1e-8 is below what float32 E-steps can resolve
+            return None
+        if type(c) is not GaussianGroup:  # heavy-tailed families: a scale at 0 is their MAP degeneracy, not a fit
             return None
         va, vb, vc = (g.spread.diagonal() for g in (a, b, c))
         cand = ((vc < vb) & (vb < va) & (vc < 0.05) & (vc > 1e-6)).nonzero().squeeze(1).tolist()
