@@ -186,6 +186,7 @@ def plot_choices(choices_A: ArrayLike, filename: str | None = None, ax=None):  #
     ax.legend()
     if filename:
         fig.savefig(filename, dpi=450, bbox_inches="tight")
+    return fig
 
 
 def _ppc_panel(ax, table, unit: str, kind: str, colors: dict) -> None:
