@@ -404,6 +404,20 @@ def test_simulator_on_a_given_design_and_its_rt_distribution():
         fit.simulate(true, value_high=vh)
 
 
+@pytest.mark.parametrize("name, design", [("ddm4", {"ntrials": 150}), ("rlddm", {"nblocks": 3, "ntrials": 20})])
+def test_posterior_predictive_check_reproduces_rt_quantiles(name, design):
+    fit, true, sim = sim_data(name, S=12, seed=5, **design)
+    model_fit = D.ddm_options(fit, p_outlier=0.02) if name == "ddm4" else fit  # a configured model keeps its family
+    model = EMModel([[sim[k][i] for k in fit.inputs] for i in range(12)], model_fit, device="cpu")
+    model.fit(verbose=0)
+    ppc = model.ppc(nsims=40, draws="map", seed=1)
+    cov = ppc.coverage(level="group")
+    assert cov["RT quantiles by choice"] >= 0.8
+    summary = ppc.summary()
+    q = summary[summary["cell"] == "choice 1 q0.5"].iloc[0]
+    assert abs(q["observed"] - q["mean"]) < 0.1 and q["lower"] < q["mean"] < q["upper"]
+
+
 def test_rt_quantiles_respect_the_mask():
     rt = np.array([[0.5, 0.6, 0.7, 9.0], [0.4, 0.5, 0.6, 0.7]])
     choice = np.array([[1, 1, 1, 1], [0, 1, 0, 1]])

@@ -69,7 +69,7 @@ from .data import SubjectBatch
 from .em import FitResult
 from .importance import pairs_per_call
 from .model import Model
-from .models import MODELS, bayes, discounting, glm, pt, rl, sdt, twostep
+from .models import MODELS, bayes, ddm, discounting, glm, pt, rl, sdt, twostep
 from .posterior import posterior_draws
 
 __all__ = [
@@ -385,8 +385,8 @@ def register(fit_funcs: Callable | Sequence[Callable], family: Family) -> None:
 
 
 def family_of(fit_func: Callable) -> Family | None:
-    """The registered :class:`Family` of ``fit_func``, or ``None``."""
-    return _FAMILIES.get(fit_func)
+    """The registered :class:`Family` of ``fit_func`` (or of the library model it configures), or ``None``."""
+    return _FAMILIES.get(fit_func) or _FAMILIES.get(getattr(fit_func, "base_fit", None))
 
 
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -874,3 +874,9 @@ register([f for f in MODELS.values() if f.__module__ == discounting.__name__],
          Family((bernoulli("choices", "p_discounted"),),
                 {"fitted vs observed": fitted("choices"), "choice rate": field_mean("choices")},
                 sequential=False, exchangeable=True))
+_DDM_STATS = {"RT quantiles by choice": rt_quantiles_by_choice()}
+_DDM_DRAW = Response(("choice", "rt"), ("v", "rt_max", "p_outlier"), ddm.ppc_draw)
+register([ddm.ddm4_fit, ddm.ddm4_lotto_fit, ddm.ddm7_fit, ddm.ddm7_lotto_fit],
+         Family((_DDM_DRAW,), _DDM_STATS, sequential=False, exchangeable=True))
+register(ddm.rlddm_fit, Family((_DDM_DRAW, Outcome(("reward",), ("choice",))),
+                               {**_DDM_STATS, "better option by trial": better_option_rate("choice", "reward")}))

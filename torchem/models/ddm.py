@@ -152,7 +152,7 @@ __all__ = [
     "wfpt_logpdf", "wfpt_marginal_logpdf", "ddm_trial_logpdf", "series_terms", "simulate_first_passage",
     "a_xform", "t0_xform", "sv_xform", "st_xform", "sz_xform", "P_OUTLIER", "ddm_options", "rt_quantiles",
     "ddm4_fit", "ddm4_simulate", "ddm4_lotto_fit", "ddm4_lotto_simulate", "ddm7_fit", "ddm7_simulate",
-    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate",
+    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate", "ppc_draw",
 ]
 
 #: Default contaminant (lapse) probability of every trial.
@@ -779,6 +779,9 @@ _CORE = ["v_coef", "a", "t0", "z"]
 _CORE_XFORM = [identity, a_xform, t0_xform, norm2alpha]
 _VAR = ["sv", "st", "sz"]
 _VAR_XFORM = [sv_xform, st_xform, sz_xform]
+# what the subject produced (a missing one marks a skipped trial with missing="skip"); the choice is not
+# categorical: its code says which boundary (1 upper, 0 lower), so text labels are not accepted
+_RESPONSES = ["rt", "choice"]
 
 
 def _check_rt_choice(batch) -> None:
@@ -810,7 +813,8 @@ def _ddm_nll(nat: dict, zbar: torch.Tensor, rt: torch.Tensor, choice: torch.Tens
     if output != "all":
         return nll
     out = {"params": torch.stack(list(nat.values()), -1), "nll": nll, "v": v * mask,
-           "logp": log_p * mask, "p_contaminant": torch.exp(log_c - log_p) * mask, "rt": rt, "choice": choice}
+           "logp": log_p * mask, "p_contaminant": torch.exp(log_c - log_p) * mask, "rt": rt, "choice": choice,
+           "rt_max": rt_max.expand_as(rt_f), "p_outlier": torch.full_like(rt_f, p_outlier)}
     out.update(extra or {})
     return out
 
@@ -839,7 +843,8 @@ _FIT_DOC = """
         ``"nll"``: ``(S,)`` negative log-likelihood.  ``"all"``: dict with
         ``params`` (natural ``(S, {P})``), ``nll``, per trial ``v`` (drift),
         ``logp`` (log-likelihood), ``p_contaminant`` (posterior probability of
-        the contaminant), ``rt``, ``choice``.
+        the contaminant), ``rt_max`` and ``p_outlier`` (the contaminant's
+        range and share), ``rt``, ``choice``.
     p_outlier : float
         Contaminant probability (module notes; default :data:`P_OUTLIER`).
     err : float
@@ -855,7 +860,8 @@ def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, varia
     names = _CORE + (_VAR if variability else [])
     xforms = _CORE_XFORM + (_VAR_XFORM if variability else [])
 
-    @model_spec(param_names=names, param_xform=xforms, inputs=["rt", "choice", *inputs], check_data=_check_rt_choice)
+    @model_spec(param_names=names, param_xform=xforms, inputs=["rt", "choice", *inputs], responses=_RESPONSES,
+                check_data=_check_rt_choice)
     def fit(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
             mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
             n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12):
@@ -888,7 +894,7 @@ ddm7_lotto_fit = _value_model("ddm7_lotto", ["ev_risky", "safe"], "risky", "safe
 
 
 @model_spec(param_names=_CORE + ["alpha"], param_xform=_CORE_XFORM + [norm2alpha], inputs=["rt", "choice", "reward"],
-            check_data=_check_rt_choice)
+            responses=_RESPONSES, check_data=_check_rt_choice)
 def rlddm_fit(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, reward: torch.Tensor,
               mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
               err: float = 1e-12):
@@ -997,28 +1003,68 @@ def _check_natural(p: np.ndarray, names: Sequence[str]) -> None:
                                  f"subject {int(np.flatnonzero(~inside)[0])} has {p[~inside, j][0]:g}")
 
 
-def _draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
-    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject parameters ``p``."""
-    col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
-    shape = dv.shape
-    v = col["v_coef"] * dv
+def _draw_ddm(v: np.ndarray, col: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Response times and choices of trials with mean drifts ``v`` and parameters ``col`` (name -> broadcastable
+    array; ``sv``, ``st``, ``sz`` optional).  A response at or before 0 (a negative ``t0`` draw) is drawn again."""
+    shape = v.shape
     rt = np.zeros(shape)
     choice = np.zeros(shape, dtype=np.int64)
     todo = np.ones(shape, dtype=bool)
-    while todo.any():  # responses at or before 0 (a negative t0 draw) are drawn again
-        vt = np.broadcast_to(v, shape)[todo]
+    pick = lambda name: np.broadcast_to(col[name], shape)[todo]  # noqa: E731
+    while todo.any():
+        vt, zt, t0 = v[todo], pick("z"), pick("t0")
         if "sv" in col:
-            vt = vt + np.broadcast_to(col["sv"], shape)[todo] * rng.standard_normal(vt.shape)
-        zt = np.broadcast_to(col["z"], shape)[todo]
-        t0 = np.broadcast_to(col["t0"], shape)[todo]
+            vt = vt + pick("sv") * rng.standard_normal(vt.shape)
         if "sz" in col:
-            zt = zt + np.broadcast_to(col["sz"], shape)[todo] * (rng.random(zt.shape) - 0.5)
+            zt = zt + pick("sz") * (rng.random(zt.shape) - 0.5)
         if "st" in col:
-            t0 = t0 + np.broadcast_to(col["st"], shape)[todo] * (rng.random(t0.shape) - 0.5)
-        t, up = simulate_first_passage(vt, np.broadcast_to(col["a"], shape)[todo], zt, rng)
+            t0 = t0 + pick("st") * (rng.random(t0.shape) - 0.5)
+        t, up = simulate_first_passage(vt, pick("a"), zt, rng)
         rt[todo], choice[todo] = t0 + t, up
         todo = rt <= 0
+    return rt, choice
+
+
+def _draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
+    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject parameters ``p``."""
+    col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
+    v = col["v_coef"] * dv
+    rt, choice = _draw_ddm(np.broadcast_to(v, dv.shape), col, rng)
     return rt, choice, v
+
+
+def ppc_draw(values: dict, natural: dict, uniform: Callable) -> dict:
+    """Choices and response times drawn from a fitted DDM, for :mod:`torchem.ppc` (a ``Response`` step).
+
+    Every trial is the fitted likelihood's mixture: with probability
+    ``p_outlier`` the contaminant (a random choice at a time uniform on
+    ``(0, rt_max)``), else an exact first passage with the trial's drift and
+    the subject's variability.
+
+    Parameters
+    ----------
+    values : dict
+        ``output="all"`` values per trial: ``v`` (mean drift), ``rt_max`` and
+        ``p_outlier``, each ``(n, ...)``.
+    natural : dict
+        Natural parameters by name, ``(n,)`` each.
+    uniform : callable
+        ``uniform(shape)``: uniforms from the check's seeded generator (they seed the walk).
+
+    Returns
+    -------
+    dict
+        ``rt`` and ``choice`` shaped like ``values["v"]``, on its device.
+    """
+    v = values["v"]
+    rng = np.random.default_rng(int(uniform((1,)).item() * 2.0 ** 52))
+    col = {k: x.detach().cpu().numpy().reshape((-1,) + (1,) * (v.dim() - 1)) for k, x in natural.items()}
+    rt, choice = _draw_ddm(v.detach().cpu().numpy(), col, rng)
+    lapse = rng.random(rt.shape) < values["p_outlier"].detach().cpu().numpy()
+    rt = np.where(lapse, rng.random(rt.shape) * values["rt_max"].detach().cpu().numpy(), rt)
+    choice = np.where(lapse, rng.integers(0, 2, rt.shape), choice)
+    return {"rt": torch.as_tensor(rt, dtype=v.dtype, device=v.device),
+            "choice": torch.as_tensor(choice, device=v.device)}
 
 
 def _highlow_design(S: int, T: int, rng: np.random.Generator) -> dict:
