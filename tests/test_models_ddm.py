@@ -311,6 +311,20 @@ def test_bad_response_times_name_the_subject(bad, message):
     assert "subject 1" in str(err.value) and "rt" in str(err.value)
 
 
+def test_a_missed_response_is_skipped_as_if_the_trial_had_not_happened():
+    fit, true, sim = sim_data("rlddm", S=1, seed=6, nblocks=1, ntrials=12)
+    rt, choice, reward = (sim[k][0, 0].astype(float) for k in fit.inputs)
+    rt_missing = rt.copy()
+    rt_missing[5] = np.nan
+    x = normalized(fit, true)
+    skipped = EMModel([[rt_missing, choice, reward]], fit, device="cpu", missing="skip")
+    assert not bool(skipped.batch.mask[0, 5])
+    keep = np.arange(12) != 5
+    dropped = EMModel([[rt[keep], choice[keep], reward[keep]]], fit, device="cpu")
+    nll = lambda m: fit(x, *m.batch.data, mask=m.batch.mask)  # noqa: E731
+    torch.testing.assert_close(nll(skipped), nll(dropped), rtol=0, atol=1e-12)
+
+
 def test_choices_must_be_binary():
     fit, _, sim = sim_data("ddm4", S=2)
     choice = sim["choice"].copy()
