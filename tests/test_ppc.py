@@ -328,3 +328,25 @@ def test_ppc_from_a_data_frame_with_its_own_column_names_and_small_chunks(bandit
     assert np.isfinite(ppc.simulated_values["p(better) by block"]).all()
     with pytest.raises(KeyError, match="no data field 'nope'"):
         m.ppc(nsims=2, draws="map", statistics={"x": lambda d: d["nope"]}, builtin=False)
+
+
+def test_diffusion_models_reproduce_their_rt_quantiles():
+    """ddm4 (all trials at once) and rlddm (closed loop, rewards resampled): RT quantiles by choice in the bands."""
+    from torchem.model import Model
+    from torchem.models import ddm
+
+    for fit, kw, draws in ((ddm.ddm4_fit, {"ntrials": 100}, "posterior"), (ddm.rlddm_fit, {"nblocks": 2, "ntrials": 20}, "map")):
+        S = 20
+        rng = np.random.default_rng(0)
+        spec = Model.resolve(fit)
+        nat = spec.to_natural(torch.as_tensor(0.3 * rng.standard_normal((S, spec.n_params)))).numpy()
+        sim = fit.simulate(nat, seed=1, **kw)
+        model = EMModel([[sim[k][i] for k in fit.inputs] for i in range(S)], fit, device="cpu")
+        model.fit(verbose=0, mstep_maxit=100)
+        ppc = model.ppc(nsims=50, seed=0, draws=draws)
+        assert ppc.labels["RT quantiles by choice"][:6] == ["choice 0 q0.1", "choice 0 q0.3", "choice 0 q0.5",
+                                                            "choice 0 q0.7", "choice 0 q0.9", "p(choice 0)"]
+        assert ppc.coverage("subject")["RT quantiles by choice"] > 0.9
+        grp = ppc.summary("group", statistics=["RT quantiles by choice"])
+        assert grp["covered"].all()
+        np.testing.assert_allclose(grp["mean"], grp["observed"], rtol=0.12)

@@ -234,19 +234,11 @@ def _folded_abs_dev(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return s * math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (d / s) ** 2) + d * torch.erf(d / (s * math.sqrt(2.0)))
 
 
-@dataclass(repr=False)
-class LaplaceGroup(LaplacePrior, GroupFamily):
-    """Laplace group (location ``loc``, scale ``scale`` per parameter); pyEM's ``LaplaceGroup``."""
+class _LocationScale(GroupFamily):
+    """Hyperparameters of a family with a location ``loc`` and a scale ``scale`` per parameter."""
 
-    name: str = field(default="laplace", init=False)
-
-    def initial(self, n_params, var, *, dtype, device):
-        loc = torch.zeros(n_params, dtype=dtype, device=device)
-        return LaplaceGroup(loc, torch.full((n_params,), math.sqrt(var / 2.0), dtype=dtype, device=device),
-                            self.smooth)
-
-    def config(self):
-        return {"smooth": self.smooth}
+    def _with(self, loc: torch.Tensor, scale: torch.Tensor) -> "GroupFamily":
+        raise NotImplementedError
 
     def raw_hyper(self):
         return {"loc": self.loc, "scale": self.scale}
@@ -263,7 +255,25 @@ class LaplaceGroup(LaplacePrior, GroupFamily):
 
     def from_vector(self, v):
         P = self.n_params
-        return LaplaceGroup(v[:P], v[P:].exp().clamp_min(1e-12), self.smooth)
+        return self._with(v[:P], v[P:].exp().clamp_min(1e-12))
+
+
+@dataclass(repr=False)
+class LaplaceGroup(LaplacePrior, _LocationScale):
+    """Laplace group (location ``loc``, scale ``scale`` per parameter); pyEM's ``LaplaceGroup``."""
+
+    name: str = field(default="laplace", init=False)
+
+    def initial(self, n_params, var, *, dtype, device):
+        loc = torch.zeros(n_params, dtype=dtype, device=device)
+        return LaplaceGroup(loc, torch.full((n_params,), math.sqrt(var / 2.0), dtype=dtype, device=device),
+                            self.smooth)
+
+    def config(self):
+        return {"smooth": self.smooth}
+
+    def _with(self, loc, scale):
+        return LaplaceGroup(loc, scale, self.smooth)
 
     def mstep(self, m, V, weights=None):
         w = _weights(m, weights)[:, None]
@@ -277,11 +287,11 @@ class LaplaceGroup(LaplacePrior, GroupFamily):
             hi = torch.where(slope < 0, hi, mid)
         loc = 0.5 * (lo + hi)
         scale = (w * _folded_abs_dev(m - loc, s)).sum(0).clamp_min(1e-12)
-        return LaplaceGroup(loc, scale, self.smooth), MStepInfo()
+        return self._with(loc, scale), MStepInfo()
 
 
 @dataclass(repr=False)
-class StudentTGroup(StudentTPrior, GroupFamily):
+class StudentTGroup(StudentTPrior, _LocationScale):
     """Student-t group with fixed ``df`` (default 8); pyEM's ``StudentTGroup``.
 
     The M-step's inner fixed-point iteration runs up to ``max_iter`` (100)
@@ -307,22 +317,8 @@ class StudentTGroup(StudentTPrior, GroupFamily):
     def config(self):
         return {"df": self.df, "max_iter": self.max_iter}
 
-    def raw_hyper(self):
-        return {"loc": self.loc, "scale": self.scale}
-
-    @property
-    def n_hyper(self) -> int:
-        return 2 * self.n_params
-
-    def hyper(self):
-        return {"loc": self.loc, "scale": self.scale}
-
-    def to_vector(self):
-        return torch.cat([self.loc, self.scale.log()])
-
-    def from_vector(self, v):
-        P = self.n_params
-        return self._make(v[:P], v[P:].exp().clamp_min(1e-12), self)
+    def _with(self, loc, scale):
+        return self._make(loc, scale, self)
 
     def mstep(self, m, V, weights=None):
         df = self.df

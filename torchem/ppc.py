@@ -45,11 +45,11 @@ Built-in statistics come with each family; users add their own::
 
     ppc = model.ppc(nsims=200, statistics={"late accuracy": late_accuracy})
 
-A new model family plugs in with one call, e.g. a drift-diffusion model::
+A new model family plugs in with one call, as the drift-diffusion models do::
 
-    register(ddm_fit, Family(steps=(Response(("choice", "rt"), ("p_upper",), draw_ddm),),
-                             statistics={"RT quantiles by choice": rt_quantiles_by_choice()},
-                             sequential=False, exchangeable=True))
+    register(ddm4_fit, Family(steps=(first_passage(ddm4_fit.param_names),),
+                              statistics={"RT quantiles by choice": rt_quantiles_by_choice("rt", "choice")},
+                              sequential=False, exchangeable=True))
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ __all__ = [
     "register", "family_of", "posterior_predictive", "simulate_replicates",
     "categorical", "bernoulli", "gaussian", "masked_mean",
     "better_option_rate", "win_stay_lose_shift", "twostep_stay", "fitted", "field_mean", "field_sd",
-    "choice_rates", "rt_quantiles_by_choice",
+    "choice_rates", "rt_quantiles_by_choice", "first_passage",
 ]
 
 KINDS = ("curve", "points", "fitted")
@@ -425,6 +425,26 @@ def gaussian(field_name: str, mean_key: str, sd_param: str) -> Response:
         return {field_name: mean + _view(natural[sd_param], mean) * z}
 
     return Response((field_name,), (mean_key,), draw)
+
+
+def first_passage(param_names: Sequence[str]) -> Response:
+    """Draw ``rt`` and ``choice`` of a drift-diffusion model from its per-trial drift ``v`` and the subject's
+    boundary, non-decision time, start point and across-trial variabilities (exact first passages,
+    :func:`torchem.models.ddm.draw_trials`; the likelihood's small contaminant share is not simulated).
+
+    The draws run on the CPU (numpy), seeded from the check's generator.
+    """
+    names = [n for n in param_names if n in ("a", "t0", "z", "sv", "st", "sz")]
+
+    def draw(values: dict, natural: dict, uniform: Callable) -> dict:
+        v = values["v"]
+        rng = np.random.default_rng(int(uniform(()) * 2 ** 62))
+        p = np.stack([np.ones(v.shape[0])] + [natural[n].detach().cpu().numpy() for n in names], 1)
+        rt, choice, _ = ddm.draw_trials(p, ["v_coef", *names], v.detach().cpu().numpy(), rng)
+        return {"rt": torch.as_tensor(rt, dtype=v.dtype, device=v.device),
+                "choice": torch.as_tensor(choice, device=v.device)}
+
+    return Response(("rt", "choice"), ("v",), draw)
 
 
 # --------------------------------------------------------------------------------------------- simulation
@@ -874,9 +894,8 @@ register([f for f in MODELS.values() if f.__module__ == discounting.__name__],
          Family((bernoulli("choices", "p_discounted"),),
                 {"fitted vs observed": fitted("choices"), "choice rate": field_mean("choices")},
                 sequential=False, exchangeable=True))
-_DDM_STATS = {"RT quantiles by choice": rt_quantiles_by_choice()}
-_DDM_DRAW = Response(("choice", "rt"), ("v", "rt_max", "p_outlier"), ddm.ppc_draw)
-register([ddm.ddm4_fit, ddm.ddm4_lotto_fit, ddm.ddm7_fit, ddm.ddm7_lotto_fit],
-         Family((_DDM_DRAW,), _DDM_STATS, sequential=False, exchangeable=True))
-register(ddm.rlddm_fit, Family((_DDM_DRAW, Outcome(("reward",), ("choice",))),
-                               {**_DDM_STATS, "better option by trial": better_option_rate("choice", "reward")}))
+_DDM_STATS = {"RT quantiles by choice": rt_quantiles_by_choice("rt", "choice")}
+for _fit in (ddm.ddm4_fit, ddm.ddm4_lotto_fit, ddm.ddm7_fit, ddm.ddm7_lotto_fit):
+    register(_fit, Family((first_passage(_fit.param_names),), _DDM_STATS, sequential=False, exchangeable=True))
+register(ddm.rlddm_fit, Family((first_passage(ddm.rlddm_fit.param_names), Outcome(("reward",), ("choice",))),
+                               {**_DDM_STATS, "p(better) by trial": better_option_rate("choice", "reward")}))

@@ -152,7 +152,7 @@ __all__ = [
     "wfpt_logpdf", "wfpt_marginal_logpdf", "ddm_trial_logpdf", "series_terms", "simulate_first_passage",
     "a_xform", "t0_xform", "sv_xform", "st_xform", "sz_xform", "P_OUTLIER", "ddm_options", "rt_quantiles",
     "ddm4_fit", "ddm4_simulate", "ddm4_lotto_fit", "ddm4_lotto_simulate", "ddm7_fit", "ddm7_simulate",
-    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate", "ppc_draw",
+    "ddm7_lotto_fit", "ddm7_lotto_simulate", "rlddm_fit", "rlddm_simulate", "draw_trials",
 ]
 
 #: Default contaminant (lapse) probability of every trial.
@@ -813,8 +813,7 @@ def _ddm_nll(nat: dict, zbar: torch.Tensor, rt: torch.Tensor, choice: torch.Tens
     if output != "all":
         return nll
     out = {"params": torch.stack(list(nat.values()), -1), "nll": nll, "v": v * mask,
-           "logp": log_p * mask, "p_contaminant": torch.exp(log_c - log_p) * mask, "rt": rt, "choice": choice,
-           "rt_max": rt_max.expand_as(rt_f), "p_outlier": torch.full_like(rt_f, p_outlier)}
+           "logp": log_p * mask, "p_contaminant": torch.exp(log_c - log_p) * mask, "rt": rt, "choice": choice}
     out.update(extra or {})
     return out
 
@@ -843,8 +842,7 @@ _FIT_DOC = """
         ``"nll"``: ``(S,)`` negative log-likelihood.  ``"all"``: dict with
         ``params`` (natural ``(S, {P})``), ``nll``, per trial ``v`` (drift),
         ``logp`` (log-likelihood), ``p_contaminant`` (posterior probability of
-        the contaminant), ``rt_max`` and ``p_outlier`` (the contaminant's
-        range and share), ``rt``, ``choice``.
+        the contaminant), ``rt``, ``choice``.
     p_outlier : float
         Contaminant probability (module notes; default :data:`P_OUTLIER`).
     err : float
@@ -1003,16 +1001,20 @@ def _check_natural(p: np.ndarray, names: Sequence[str]) -> None:
                                  f"subject {int(np.flatnonzero(~inside)[0])} has {p[~inside, j][0]:g}")
 
 
-def _draw_ddm(v: np.ndarray, col: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Response times and choices of trials with mean drifts ``v`` and parameters ``col`` (name -> broadcastable
-    array; ``sv``, ``st``, ``sz`` optional).  A response at or before 0 (a negative ``t0`` draw) is drawn again."""
-    shape = v.shape
+def draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
+    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject natural parameters
+    ``p`` ``(S, P)`` named ``names`` (across-trial variability drawn where ``sv``, ``st``, ``sz`` are named);
+    returns ``rt``, ``choice`` and the drift ``v``.  Used by the simulators and the posterior predictive checks."""
+    col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
+    shape = dv.shape
+    col["v"] = col["v_coef"] * dv
+    v = col["v"]
     rt = np.zeros(shape)
     choice = np.zeros(shape, dtype=np.int64)
     todo = np.ones(shape, dtype=bool)
     pick = lambda name: np.broadcast_to(col[name], shape)[todo]  # noqa: E731
-    while todo.any():
-        vt, zt, t0 = v[todo], pick("z"), pick("t0")
+    while todo.any():  # responses at or before 0 (a negative t0 draw) are drawn again
+        vt, zt, t0 = pick("v"), pick("z"), pick("t0")
         if "sv" in col:
             vt = vt + pick("sv") * rng.standard_normal(vt.shape)
         if "sz" in col:
@@ -1022,49 +1024,7 @@ def _draw_ddm(v: np.ndarray, col: dict, rng: np.random.Generator) -> tuple[np.nd
         t, up = simulate_first_passage(vt, pick("a"), zt, rng)
         rt[todo], choice[todo] = t0 + t, up
         todo = rt <= 0
-    return rt, choice
-
-
-def _draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.random.Generator):
-    """Choices and RTs of ``(S, ...)`` trials with drift ``v_coef * dv`` and per-subject parameters ``p``."""
-    col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
-    v = col["v_coef"] * dv
-    rt, choice = _draw_ddm(np.broadcast_to(v, dv.shape), col, rng)
     return rt, choice, v
-
-
-def ppc_draw(values: dict, natural: dict, uniform: Callable) -> dict:
-    """Choices and response times drawn from a fitted DDM, for :mod:`torchem.ppc` (a ``Response`` step).
-
-    Every trial is the fitted likelihood's mixture: with probability
-    ``p_outlier`` the contaminant (a random choice at a time uniform on
-    ``(0, rt_max)``), else an exact first passage with the trial's drift and
-    the subject's variability.
-
-    Parameters
-    ----------
-    values : dict
-        ``output="all"`` values per trial: ``v`` (mean drift), ``rt_max`` and
-        ``p_outlier``, each ``(n, ...)``.
-    natural : dict
-        Natural parameters by name, ``(n,)`` each.
-    uniform : callable
-        ``uniform(shape)``: uniforms from the check's seeded generator (they seed the walk).
-
-    Returns
-    -------
-    dict
-        ``rt`` and ``choice`` shaped like ``values["v"]``, on its device.
-    """
-    v = values["v"]
-    rng = np.random.default_rng(int(uniform((1,)).item() * 2.0 ** 52))
-    col = {k: x.detach().cpu().numpy().reshape((-1,) + (1,) * (v.dim() - 1)) for k, x in natural.items()}
-    rt, choice = _draw_ddm(v.detach().cpu().numpy(), col, rng)
-    lapse = rng.random(rt.shape) < values["p_outlier"].detach().cpu().numpy()
-    rt = np.where(lapse, rng.random(rt.shape) * values["rt_max"].detach().cpu().numpy(), rt)
-    choice = np.where(lapse, rng.integers(0, 2, rt.shape), choice)
-    return {"rt": torch.as_tensor(rt, dtype=v.dtype, device=v.device),
-            "choice": torch.as_tensor(choice, device=v.device)}
 
 
 def _highlow_design(S: int, T: int, rng: np.random.Generator) -> dict:
@@ -1094,7 +1054,7 @@ def _value_simulator(fit: Callable, design: Callable, doc: str) -> Callable:
                     for k in keys}
         else:
             vals = design(len(p), ntrials, rng)
-        rt, choice, v = _draw_trials(p, fit.param_names, vals[keys[0]] - vals[keys[1]], rng)
+        rt, choice, v = draw_trials(p, fit.param_names, vals[keys[0]] - vals[keys[1]], rng)
         return {"params": p.copy(), "rt": rt, "choice": choice, **{k: np.array(vals[k]) for k in keys}, "v": v}
 
     simulate.__name__ = simulate.__qualname__ = fit.__name__.replace("_fit", "_simulate")
@@ -1173,7 +1133,7 @@ def rlddm_simulate(params: np.ndarray, nblocks: int = 4, ntrials: int = 30, rewa
     alpha = p[:, 4][:, None]
     for t in range(ntrials):
         Q[:, :, t] = q
-        rt, c, v = _draw_trials(p[:, :4], _CORE, q[..., 1] - q[..., 0], rng)
+        rt, c, v = draw_trials(p[:, :4], _CORE, q[..., 1] - q[..., 0], rng)
         r = (rng.random((S, nblocks)) < probs[np.arange(nblocks)[None, :], c]).astype(float)
         chosen = np.take_along_axis(q, c[..., None], -1)[..., 0]
         np.put_along_axis(q, c[..., None], (chosen + alpha * (r - chosen))[..., None], -1)
