@@ -311,6 +311,20 @@ def test_bad_response_times_name_the_subject(bad, message):
     assert "subject 1" in str(err.value) and "rt" in str(err.value)
 
 
+def test_a_missed_response_is_skipped_as_if_the_trial_had_not_happened():
+    fit, true, sim = sim_data("rlddm", S=1, seed=6, nblocks=1, ntrials=12)
+    rt, choice, reward = (sim[k][0, 0].astype(float) for k in fit.inputs)
+    rt_missing = rt.copy()
+    rt_missing[5] = np.nan
+    x = normalized(fit, true)
+    skipped = EMModel([[rt_missing, choice, reward]], fit, device="cpu", missing="skip")
+    assert not bool(skipped.batch.mask[0, 5])
+    keep = np.arange(12) != 5
+    dropped = EMModel([[rt[keep], choice[keep], reward[keep]]], fit, device="cpu")
+    nll = lambda m: fit(x, *m.batch.data, mask=m.batch.mask)  # noqa: E731
+    torch.testing.assert_close(nll(skipped), nll(dropped), rtol=0, atol=1e-12)
+
+
 def test_choices_must_be_binary():
     fit, _, sim = sim_data("ddm4", S=2)
     choice = sim["choice"].copy()
@@ -402,6 +416,20 @@ def test_simulator_on_a_given_design_and_its_rt_distribution():
         assert q.loc[(["s1", "s2"][i], 1), "p"] == pytest.approx(1 - lower_prob(v, a, z), abs=0.015)
     with pytest.raises(ValueError, match="both"):
         fit.simulate(true, value_high=vh)
+
+
+@pytest.mark.parametrize("name, design", [("ddm4", {"ntrials": 150}), ("rlddm", {"nblocks": 3, "ntrials": 20})])
+def test_posterior_predictive_check_reproduces_rt_quantiles(name, design):
+    fit, true, sim = sim_data(name, S=12, seed=5, **design)
+    model_fit = D.ddm_options(fit, p_outlier=0.02) if name == "ddm4" else fit  # a configured model keeps its family
+    model = EMModel([[sim[k][i] for k in fit.inputs] for i in range(12)], model_fit, device="cpu")
+    model.fit(verbose=0)
+    ppc = model.ppc(nsims=40, draws="map", seed=1)
+    cov = ppc.coverage(level="group")
+    assert cov["RT quantiles by choice"] >= 0.8
+    summary = ppc.summary()
+    q = summary[summary["cell"] == "choice 1 q0.5"].iloc[0]
+    assert abs(q["observed"] - q["mean"]) < 0.1 and q["lower"] < q["mean"] < q["upper"]
 
 
 def test_rt_quantiles_respect_the_mask():

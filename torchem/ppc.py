@@ -385,8 +385,8 @@ def register(fit_funcs: Callable | Sequence[Callable], family: Family) -> None:
 
 
 def family_of(fit_func: Callable) -> Family | None:
-    """The registered :class:`Family` of ``fit_func``, or ``None``."""
-    return _FAMILIES.get(fit_func)
+    """The registered :class:`Family` of ``fit_func`` (or of the library model it configures), or ``None``."""
+    return _FAMILIES.get(fit_func) or _FAMILIES.get(getattr(fit_func, "base_fit", None))
 
 
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -779,6 +779,9 @@ _CORE = ["v_coef", "a", "t0", "z"]
 _CORE_XFORM = [identity, a_xform, t0_xform, norm2alpha]
 _VAR = ["sv", "st", "sz"]
 _VAR_XFORM = [sv_xform, st_xform, sz_xform]
+# what the subject produced (a missing one marks a skipped trial with missing="skip"); the choice is not
+# categorical: its code says which boundary (1 upper, 0 lower), so text labels are not accepted
+_RESPONSES = ["rt", "choice"]
 
 
 def _check_rt_choice(batch) -> None:
@@ -855,7 +858,8 @@ def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, varia
     names = _CORE + (_VAR if variability else [])
     xforms = _CORE_XFORM + (_VAR_XFORM if variability else [])
 
-    @model_spec(param_names=names, param_xform=xforms, inputs=["rt", "choice", *inputs], check_data=_check_rt_choice)
+    @model_spec(param_names=names, param_xform=xforms, inputs=["rt", "choice", *inputs], responses=_RESPONSES,
+                check_data=_check_rt_choice)
     def fit(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
             mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
             n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12):
@@ -888,7 +892,7 @@ ddm7_lotto_fit = _value_model("ddm7_lotto", ["ev_risky", "safe"], "risky", "safe
 
 
 @model_spec(param_names=_CORE + ["alpha"], param_xform=_CORE_XFORM + [norm2alpha], inputs=["rt", "choice", "reward"],
-            check_data=_check_rt_choice)
+            responses=_RESPONSES, check_data=_check_rt_choice)
 def rlddm_fit(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, reward: torch.Tensor,
               mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
               err: float = 1e-12):
@@ -1003,21 +1007,21 @@ def draw_trials(p: np.ndarray, names: Sequence[str], dv: np.ndarray, rng: np.ran
     returns ``rt``, ``choice`` and the drift ``v``.  Used by the simulators and the posterior predictive checks."""
     col = {n: p[:, j].reshape((-1,) + (1,) * (dv.ndim - 1)) for j, n in enumerate(names)}
     shape = dv.shape
-    v = col["v_coef"] * dv
+    col["v"] = col["v_coef"] * dv
+    v = col["v"]
     rt = np.zeros(shape)
     choice = np.zeros(shape, dtype=np.int64)
     todo = np.ones(shape, dtype=bool)
+    pick = lambda name: np.broadcast_to(col[name], shape)[todo]  # noqa: E731
     while todo.any():  # responses at or before 0 (a negative t0 draw) are drawn again
-        vt = np.broadcast_to(v, shape)[todo]
+        vt, zt, t0 = pick("v"), pick("z"), pick("t0")
         if "sv" in col:
-            vt = vt + np.broadcast_to(col["sv"], shape)[todo] * rng.standard_normal(vt.shape)
-        zt = np.broadcast_to(col["z"], shape)[todo]
-        t0 = np.broadcast_to(col["t0"], shape)[todo]
+            vt = vt + pick("sv") * rng.standard_normal(vt.shape)
         if "sz" in col:
-            zt = zt + np.broadcast_to(col["sz"], shape)[todo] * (rng.random(zt.shape) - 0.5)
+            zt = zt + pick("sz") * (rng.random(zt.shape) - 0.5)
         if "st" in col:
-            t0 = t0 + np.broadcast_to(col["st"], shape)[todo] * (rng.random(t0.shape) - 0.5)
-        t, up = simulate_first_passage(vt, np.broadcast_to(col["a"], shape)[todo], zt, rng)
+            t0 = t0 + pick("st") * (rng.random(t0.shape) - 0.5)
+        t, up = simulate_first_passage(vt, pick("a"), zt, rng)
         rt[todo], choice[todo] = t0 + t, up
         todo = rt <= 0
     return rt, choice, v
