@@ -159,6 +159,40 @@ class TestChunks:
         torch.testing.assert_close(a.m, b.m, rtol=0, atol=1e-12)
         np.testing.assert_allclose(a.history["LME"].iloc[-1], b.history["LME"].iloc[-1], atol=0.5)
 
+    def test_pinned_host_data_give_the_plain_chunked_fit(self, bandit):
+        model = EMModel(bandit[:21], rw1a1b_fit, device="cpu")
+        for kwargs in ({"mstep_maxit": 15}, {"mstep_maxit": 3, "estep_maxit": 3, "max_restarts": 2}):
+            ref = model.fit(verbose=0, chunk_size=7, **kwargs)
+            _same(ref, model.fit(verbose=0, chunk_size=7, pin_data=True, **kwargs))
+            _same(ref, model.fit(verbose=0, chunk_size=None, pin_data=True, **kwargs))
+        with pytest.raises(ValueError, match="pin_data"):
+            model.fit(verbose=0, pin_data="yes")
+
+    def test_rows_to_slices_a_chunk_and_gathers_other_subjects(self, bandit):
+        from torchem.data import SubjectBatch
+
+        batch = SubjectBatch.from_lists(bandit[:10], names=["choices", "rewards"]).pin_memory()
+        assert batch.device.type == "cpu"
+        data, mask = batch.rows_to(torch.arange(3, 7), "cpu")
+        assert data[1].data_ptr() == batch.data[1][3].data_ptr()  # a view of the (pinned) host tensor
+        assert torch.equal(mask, batch.mask[3:7])
+        idx = torch.tensor([8, 1, 4])
+        data, mask = batch.rows_to(idx, "cpu")
+        assert all(torch.equal(d, full[idx]) for d, full in zip(data, batch.data)) and torch.equal(mask, batch.mask[idx])
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    def test_pinned_data_on_cuda(self, bandit):
+        from torchem import run_em
+        from torchem.data import SubjectBatch
+        from torchem.model import Model
+
+        batch = SubjectBatch.from_lists(bandit[:21], names=["choices", "rewards"])
+        model = Model.resolve(rw1a1b_fit, None, None, None, None, batch)
+        ref = run_em(model, batch, verbose=0, mstep_maxit=10, chunk_size=7, device="cuda")
+        res = run_em(model, batch, verbose=0, mstep_maxit=10, chunk_size=7, device="cuda", pin_data=True)
+        assert res.m.device.type == "cuda" and batch.device.type == "cpu"
+        torch.testing.assert_close(ref.m, res.m, rtol=0, atol=1e-12)
+
     def test_auto_and_bad_values(self, bandit):
         from torchem.estep import auto_chunk_size, free_memory
 

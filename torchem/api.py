@@ -342,7 +342,7 @@ class EMModel:
             raise ValueError("give options either as a FitOptions or as keywords, not both")
         self._require_data()
         self.result = None  # a failed refit never leaves the previous result looking current
-        run = EMRun(self.model, self.batch, opts, verbose=verbose, callback=callback)
+        run = EMRun(self.model, self.batch, opts, verbose=verbose, callback=callback, device=self.device)
         try:
             self.result = run.run()
         except BaseException as exc:

@@ -30,7 +30,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "data_hash"]
 FORMAT = "torchem.checkpoint"
 VERSION = 1
 #: Options that may differ between the interrupted and the resumed fit (where and how, not what, is computed).
-_FREE = ("checkpoint", "checkpoint_every", "resume", "chunk_size", "num_threads")
+_FREE = ("checkpoint", "checkpoint_every", "resume", "chunk_size", "num_threads", "pin_data")
 
 
 def data_hash(batch) -> str:
@@ -39,7 +39,7 @@ def data_hash(batch) -> str:
     for t in (*batch.data, batch.mask):
         c = t.detach().cpu().contiguous()
         h.update(f"{c.dtype}{tuple(c.shape)}".encode())
-        h.update(c.numpy().tobytes())
+        h.update(memoryview(c.numpy()).cast("B"))  # hashed in place, no copy of the data
     h.update(json.dumps([str(s) for s in batch.subject_ids]).encode())
     return h.hexdigest()
 

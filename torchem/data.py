@@ -281,6 +281,38 @@ class SubjectBatch:
             out[name] = value.to(device=device, dtype=cast)
         return self._like(out, self.mask.to(device), list(self.subject_ids), self.rows)
 
+    def pin_memory(self) -> "SubjectBatch":
+        """A copy on the CPU in pinned (page-locked) memory, from which copies to a CUDA device run asynchronously.
+
+        Pinning needs CUDA: without it the batch is only moved to the CPU.
+        """
+        host = self.to("cpu")
+        if not torch.cuda.is_available():
+            return host
+        return host._like({k: v.pin_memory() for k, v in host.fields.items()}, host.mask.pin_memory(),
+                          list(host.subject_ids), host.rows)
+
+    def rows_to(self, subjects: torch.Tensor, device: str | torch.device) -> tuple[tuple[torch.Tensor, ...],
+                                                                                   torch.Tensor]:
+        """Data fields and mask of ``subjects`` ``(n,)`` copied to ``device`` (``non_blocking``).
+
+        A consecutive run of subjects (a chunk) is sliced, a view that keeps
+        pinned memory pinned, so its copy to a CUDA device is asynchronous;
+        other index sets are gathered first.  Returns ``(data, mask)`` with
+        ``n`` subjects first, like :attr:`data` and :attr:`mask`.
+        """
+        idx = subjects.to(self.device)
+        n = idx.numel()
+        lo = int(idx[0]) if n else 0
+        if n and bool((idx == torch.arange(lo, lo + n, device=idx.device)).all()):
+            def take(t: torch.Tensor) -> torch.Tensor:
+                return t[lo:lo + n]
+        else:
+            def take(t: torch.Tensor) -> torch.Tensor:
+                return t[idx]
+        data = tuple(take(d).to(device, non_blocking=True) for d in self.data)
+        return data, take(self.mask).to(device, non_blocking=True)
+
     def index(self, idx: torch.Tensor | Sequence[int]) -> "SubjectBatch":
         """Subjects ``idx`` (repeats allowed) as a new batch sharing the labels."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)

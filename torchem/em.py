@@ -351,12 +351,17 @@ class EMRun:
     """
 
     def __init__(self, model: Model, batch: SubjectBatch, options: FitOptions, *, verbose: int = 1,
-                 callback: Callable[[IterationState], Any] | None = None) -> None:
+                 callback: Callable[[IterationState], Any] | None = None,
+                 device: str | torch.device | None = None) -> None:
+        self.device = batch.device if device is None else torch.device(device)
+        if options.pin_data:  # the data stay in (pinned) host memory; E-step chunks are copied to the device
+            batch = batch.pin_memory()
+        elif batch.device != self.device:
+            batch = batch.to(self.device)
         self.model, self.batch, self.opts = model, batch, options
         self.callback, self.verbose = callback, verbose
         S, P = batch.n_subjects, model.n_params
         self.dtype = next((t.dtype for t in batch.data if t.is_floating_point()), torch.float64)
-        self.device = batch.device
         self.generator = torch.Generator()
         if options.seed is None:
             self.generator.seed()
@@ -375,9 +380,10 @@ class EMRun:
             x0 = self.prior.start(S, self.generator)
         self.laplace = LaplaceEStep(model, batch, x0, generator=self.generator, max_restarts=options.max_restarts,
                                     estep_maxit=options.estep_maxit, gtol=options.gtol,
-                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap)
+                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap,
+                                    host=options.pin_data)
         self.all_idx = torch.arange(S, device=self.device)
-        self.chunk_size = (auto_chunk_size(batch, P, self.dtype) if options.chunk_size == "auto"
+        self.chunk_size = (auto_chunk_size(batch, P, self.dtype, device=self.device) if options.chunk_size == "auto"
                            else options.chunk_size)
         self.rows: list[dict] = []
         self.warnings: list[str] = []
@@ -727,7 +733,7 @@ class EMRun:
         return FitResult(
             m=post.x, inv_h=post.inv_h, group=group, NPL=post.npl, NLPrior=post.nlprior,
             NLL=post.npl - post.nlprior, hess_logdet=post.logdet, hessian_ok=post.hessian_ok,
-            laplace_capped=post.capped, status=post.status, n_obs=self.batch.n_obs, convergence=self.converged,
+            laplace_capped=post.capped, status=post.status, n_obs=self.batch.n_obs.to(self.device), convergence=self.converged,
             n_iter=len(self.rows), history=pd.DataFrame(self.rows), param_names=list(self.model.param_names),
             subject_ids=list(self.batch.subject_ids), param_xform=list(self.model.param_xform),
             stop_reason=self.stop_reason, warnings=list(self.warnings), options=self.opts, estep=self.estep_kind,
@@ -736,7 +742,8 @@ class EMRun:
 
 
 def run_em(model: Model, batch: SubjectBatch, options: FitOptions | None = None, *, verbose: int = 1,
-           callback: Callable[[IterationState], Any] | None = None, **kwargs: Any) -> FitResult:
+           callback: Callable[[IterationState], Any] | None = None, device: str | torch.device | None = None,
+           **kwargs: Any) -> FitResult:
     """Fit the hierarchical model by EM with batched MAP E-steps.
 
     Parameters
@@ -753,6 +760,10 @@ def run_em(model: Model, batch: SubjectBatch, options: FitOptions | None = None,
     callback : callable, optional
         Called with an :class:`IterationState` after every E-step; returning
         ``False`` stops EM there (the result so far is kept, marked ``stopped``).
+    device : str or torch.device, optional
+        Device of the fit (default: the batch's).  With ``pin_data=True`` a
+        batch on the CPU stays there, pinned, and each E-step chunk is copied
+        to this device.
 
     Returns
     -------
@@ -762,4 +773,4 @@ def run_em(model: Model, batch: SubjectBatch, options: FitOptions | None = None,
         options = FitOptions(**kwargs)
     elif kwargs:
         raise ValueError("give options either as a FitOptions or as keywords, not both")
-    return EMRun(model, batch, options, verbose=verbose, callback=callback).run()
+    return EMRun(model, batch, options, verbose=verbose, callback=callback, device=device).run()

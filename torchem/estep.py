@@ -90,16 +90,20 @@ class PosteriorMoments:
 
 
 def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
-                      subjects: torch.Tensor | None = None) -> Callable:
+                      subjects: torch.Tensor | None = None, host: bool = False) -> Callable:
     """``fun(x, idx)``: negative log posterior of problems ``idx`` at ``x`` ``(n, P)``.
 
     Problem ``k`` is subject ``subjects[k]`` (all subjects in order when ``subjects`` is ``None``).
+    ``host``: ``batch`` is held in (pinned) host memory and the subjects' rows are copied once to the
+    device of ``subjects`` (:meth:`~torchem.data.SubjectBatch.rows_to`).
     """
     data, mask, S = batch.data, batch.mask, batch.n_subjects
     if subjects is None:
         subjects = torch.arange(S, device=mask.device)
     n = subjects.numel()
-    if not (n == S and bool((subjects == torch.arange(S, device=mask.device)).all())):
+    if host:
+        data, mask = batch.rows_to(subjects, subjects.device)
+    elif not (n == S and bool((subjects == torch.arange(S, device=mask.device)).all())):
         data, mask = tuple(d[subjects] for d in data), mask[subjects]  # a chunk's data, gathered once
 
     def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -163,6 +167,8 @@ class LaplaceEStep:
         ``(S, P)`` starting points of the first call.
     max_restarts, estep_maxit, gtol, hessian_chunk, laplace_cap
         See :class:`torchem.options.FitOptions`.
+    host : bool
+        ``batch`` stays in (pinned) host memory; each call copies its subjects' data to the device of ``x0``.
     generator : torch.Generator
         CPU generator of the base seed of the restarts' draws (see :func:`restart_draws`; ``step``, the
         E-step number, is set by the caller).
@@ -174,8 +180,8 @@ class LaplaceEStep:
 
     def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
                  max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
-                 laplace_cap: float = 4.0) -> None:
-        self.model, self.batch = model, batch
+                 laplace_cap: float = 4.0, host: bool = False) -> None:
+        self.model, self.batch, self.host = model, batch, host
         self.restart_seed, self.step = int(torch.randint(0, 2**62, (1,), generator=generator)), 0
         self.x = x0.clone()
         S, P = x0.shape
@@ -197,7 +203,8 @@ class LaplaceEStep:
 
     def run(self, idx: torch.Tensor, prior: Prior) -> PosteriorMoments:
         """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``."""
-        fun = neg_log_posterior(self.model, self.batch, prior, idx)
+        fun = neg_log_posterior(self.model, self.batch, prior, idx, self.host)
+
         def draw(problems: torch.Tensor, round: int) -> torch.Tensor:
             return restart_draws(prior, idx[problems], self.restart_seed, self.step, round)
 
@@ -245,12 +252,12 @@ class ImportanceEStep:
         self.laplace, self.seed, self.nsamples = laplace, seed, nsamples
         self.proposal_df, self.min_ess = proposal_df, min_ess
         batch = laplace.batch
-        self.chunk = pairs_per_call(batch.mask[0].numel(), batch.device)
+        self.chunk = pairs_per_call(batch.mask[0].numel(), laplace.x.device)
 
     def run(self, idx: torch.Tensor, prior: Prior, nsamples: int | None = None) -> PosteriorMoments:
         """Importance moments of the subjects ``idx`` under ``prior`` (``nsamples`` overrides the default)."""
         post = self.laplace.run(idx, prior)
-        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx)
+        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx, self.laplace.host)
         n = self.nsamples if nsamples is None else nsamples
         # a chunk's draws are seeded by its first subject, so that chunks do not share draws
         seed = self.seed + (n != self.nsamples) + 7919 * int(idx[0])
@@ -309,7 +316,8 @@ def free_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def auto_chunk_size(batch: SubjectBatch, n_params: int, dtype: torch.dtype, fraction: float = 0.25) -> int:
+def auto_chunk_size(batch: SubjectBatch, n_params: int, dtype: torch.dtype, fraction: float = 0.25,
+                    device: torch.device | None = None) -> int:
     """Subjects per E-step chunk that fit in ``fraction`` of the device's free memory.
 
     A subject's E-step holds its data and, during the exact Hessian, about
@@ -320,4 +328,5 @@ def auto_chunk_size(batch: SubjectBatch, n_params: int, dtype: torch.dtype, frac
     cells = max(1, int(batch.mask[0].numel()))
     item = torch.finfo(dtype).bits // 8
     per_subject = item * (cells * (len(batch.data) + 1 + 4 * (n_params + 1) * 8) + 64 * n_params * n_params)
-    return max(1, min(batch.n_subjects, int(fraction * free_memory(batch.device)) // per_subject))
+    free = free_memory(batch.device if device is None else device)
+    return max(1, min(batch.n_subjects, int(fraction * free) // per_subject))

@@ -72,6 +72,9 @@ class FitOptions:
     chunk_size: Any = _opt(None, "subjects per E-step chunk (MAP search, Hessians, evidence), so that peak memory "
                                  "is bounded by the chunk: None (all at once), an integer, or 'auto' (a size "
                                  "from the device's free memory)")
+    pin_data: bool = _opt(False, "keep the data in pinned host memory during the fit and copy each E-step chunk "
+                                 "to the device (non_blocking), so that device memory holds one chunk's data "
+                                 "(with chunk_size; pinning needs CUDA, on the CPU the chunks are only sliced)")
     hessian_chunk: int = _opt(20000, "subjects per exact-Hessian evaluation (bounds memory)")
     laplace_cap: float = _opt(4.0, "largest ratio of a subject's Laplace posterior variance to the group's "
                                    "along any direction (math.inf: no cap); capped subjects are flagged")
@@ -128,6 +131,8 @@ class FitOptions:
         _positive_int("checkpoint_every", self.checkpoint_every)
         if self.num_threads is not None:
             _positive_int("num_threads", self.num_threads)
+        if not isinstance(self.pin_data, bool):
+            raise ValueError(f"pin_data must be True or False, got {self.pin_data!r}")
         for name in ("checkpoint", "resume"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -209,6 +214,10 @@ def _cli_type(f) -> Any:
                 value = None
             elif f.name == "chunk_size":
                 value = text if text == "auto" else int(text)
+            elif isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"{f.name} must be true or false, got {text!r}")
+                value = text.lower() in ("true", "1", "yes")
             elif isinstance(default, int) or f.name in ("final_nsamples", "seed", "num_threads"):
                 value = int(text)
             elif isinstance(default, float):
