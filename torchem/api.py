@@ -5,7 +5,6 @@ import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -664,6 +663,8 @@ class EMModel:
                                      recovery_dict.get("param_names", self.param_names), figsize=figsize,
                                      show_line=show_line)
         if show:
+            import matplotlib.pyplot as plt
+
             plt.show()
         return fig
 

@@ -1,10 +1,14 @@
-"""Exact per-subject Hessians with ``torch.func`` and their safe inversion.
+"""Exact per-subject Hessians and their safe inversion.
 
 For ``f: (S, P) -> (S,)`` with independent rows, the Hessian of ``f(x).sum()``
 is block diagonal; its ``P`` Hessian-vector products with the basis vectors
 ``e_j`` (the same ``j`` for every subject) give every subject's ``(P, P)``
-Hessian at once.  The products are reverse-over-reverse (``torch.func.vjp``
-of ``torch.func.grad``), vectorized over ``j`` with ``torch.func.vmap``.
+Hessian at once.  The products are reverse-over-reverse: one gradient with
+its graph kept, then one backward pass per parameter through it.
+
+Plain autograd is used rather than ``torch.func.vjp`` of ``torch.func.grad``
+(same numbers): every ``torch.func`` gradient transform imports
+``torch._dynamo`` on first use, which cost 1-3 s of the first fit in a process.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def batched_hessian(fun: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     ----------
     fun : callable
         ``fun(x) -> (S,)`` for ``x`` ``(S, P)``; row ``i`` depends on ``x[i]`` only.
-        It must be composable with ``torch.func`` (no in-place updates of
+        It must be twice differentiable by autograd (no in-place updates of
         inputs, no ``.item()`` on values that depend on ``x``).
     x : Tensor
         ``(S, P)`` points.
@@ -32,12 +36,17 @@ def batched_hessian(fun: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     Tensor
         ``(S, P, P)`` symmetric Hessians.
     """
-    S, P = x.shape
-    grad_fn = torch.func.grad(lambda z: fun(z).sum())
-    _, vjp_fn = torch.func.vjp(grad_fn, x.detach())
-    basis = torch.eye(P, dtype=x.dtype, device=x.device).unsqueeze(1).expand(P, S, P)
-    (cols,) = torch.func.vmap(vjp_fn)(basis)  # cols[j] = H e_j, i.e. column j of every subject's Hessian
-    H = cols.permute(1, 2, 0)
+    P = x.shape[1]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fun(xg).sum(), xg, create_graph=True)
+        cols = []
+        for j in range(P):  # column j of every subject's Hessian: d/dx of sum_i g_ij
+            col = None
+            if g.requires_grad:
+                (col,) = torch.autograd.grad(g[:, j].sum(), xg, retain_graph=j < P - 1, allow_unused=True)
+            cols.append(torch.zeros_like(x) if col is None else col.detach())
+    H = torch.stack(cols, -1)
     return 0.5 * (H + H.transpose(-1, -2))
 
 

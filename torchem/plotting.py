@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = ["plot_scatter", "plot_recovery", "plot_history", "plot_matrix", "plot_choices", "plot_ppc"]
+
+
+def _plt():
+    """``matplotlib.pyplot``, imported at the first figure (it costs about a second of ``import torchem``)."""
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_scatter(x: Sequence[float], xlabel: str, y: Sequence[float], ylabel: str, ax=None,
@@ -43,7 +49,7 @@ def plot_scatter(x: Sequence[float], xlabel: str, y: Sequence[float], ylabel: st
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if ax is None:
-        _, ax = plt.subplots(figsize=(4, 4))
+        _, ax = _plt().subplots(figsize=(4, 4))
     if colorname is not None:
         scatter_kwargs.setdefault("color", colorname)
     ax.scatter(x, y, s=scatter_kwargs.pop("s", 14), alpha=scatter_kwargs.pop("alpha", 0.7), **scatter_kwargs)
@@ -83,7 +89,7 @@ def plot_recovery(true_params: np.ndarray, estimated_params: np.ndarray, param_n
     matplotlib.figure.Figure
     """
     P = len(param_names)
-    fig, axes = plt.subplots(1, P, figsize=figsize or (3.6 * P, 3.6), squeeze=False)
+    fig, axes = _plt().subplots(1, P, figsize=figsize or (3.6 * P, 3.6), squeeze=False)
     for j, name in enumerate(param_names):
         plot_scatter(np.asarray(true_params)[:, j], f"simulated {name}", np.asarray(estimated_params)[:, j],
                      f"estimated {name}", ax=axes[0, j], title=name, identity=show_line)
@@ -104,7 +110,7 @@ def plot_history(history, param_names: Sequence[str], figsize: tuple[float, floa
     -------
     matplotlib.figure.Figure
     """
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=figsize or (9, 3.4))
+    fig, (a0, a1) = _plt().subplots(1, 2, figsize=figsize or (9, 3.4))
     it = history["iteration"].to_numpy()
     a0.plot(it, history["NPL"].to_numpy(), marker="o", ms=3)
     a0.set_xlabel("EM iteration")
@@ -131,7 +137,7 @@ def plot_matrix(table, title: str = "", xlabel: str = "", ylabel: str = "", ax=N
     """
     values = np.asarray(table, dtype=float)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(1.2 * values.shape[1] + 2.4, 1.0 * values.shape[0] + 1.8))
+        fig, ax = _plt().subplots(figsize=(1.2 * values.shape[1] + 2.4, 1.0 * values.shape[0] + 1.8))
     else:
         fig = ax.figure
     im = ax.imshow(values, cmap=cmap, vmin=0.0, vmax=max(1.0, float(np.nanmax(values))))
@@ -173,7 +179,7 @@ def plot_choices(choices_A: ArrayLike, filename: str | None = None, ax=None):  #
         raise ValueError(f"choices_A must be (subjects, blocks, trials) or (subjects, trials), got shape {a.shape}")
     per_subject = a.mean(1)  # (S, T)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig, ax = _plt().subplots(figsize=(5, 3.4))
     else:
         fig = ax.figure
     trials = np.arange(1, a.shape[2] + 1)
@@ -261,11 +267,11 @@ def plot_ppc(ppc, statistics: Sequence[str] | None = None, subjects: Sequence = 
     nrows, ncols = 1 + len(subjects), len(names)
     size = figsize or (3.6 * ncols, 3.0 * nrows)
     if fig is None:
-        fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+        fig, axes = _plt().subplots(nrows, ncols, figsize=size, squeeze=False)
     else:
         fig.set_size_inches(*size)
         axes = fig.subplots(nrows, ncols, squeeze=False)
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
     g_colors = {g: cycle[k % len(cycle)] for k, g in enumerate(dict.fromkeys(group["group"]))}
     for j, name in enumerate(names):
         st = ppc.statistics[name]
