@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from torchem import EMModel, FitResult
+from torchem import EMModel, FitResult, SubjectBatch
 from torchem.models.rl import rw1a1b_fit
 
 from conftest import simulate_bandit
@@ -200,6 +200,10 @@ class TestChunks:
         assert free_memory(torch.device("cpu")) > 10**7
         assert auto_chunk_size(model.batch, 2, torch.float64) == 6  # a small study fits at once
         assert auto_chunk_size(model.batch, 2, torch.float64, fraction=1e-9) == 1
+        from torchem.estep import CPU_CHUNK_CELLS
+
+        big = SubjectBatch({"x": torch.zeros(30000, 96)}, torch.ones(30000, 96, dtype=torch.bool))
+        assert auto_chunk_size(big, 2, torch.float64) == CPU_CHUNK_CELLS // 96  # cache-sized chunks on the CPU
         res = model.fit(verbose=0, mstep_maxit=3, chunk_size="auto")
         assert res.options.chunk_size == "auto"
         for bad in (0, -2, 2.5, "big", True):

@@ -71,7 +71,8 @@ class FitOptions:
                                  "sqrt(machine epsilon), 3.5e-4 in float32")
     chunk_size: Any = _opt(None, "subjects per E-step chunk (MAP search, Hessians, evidence), so that peak memory "
                                  "is bounded by the chunk: None (all at once), an integer, or 'auto' (a size "
-                                 "from the device's free memory)")
+                                 "from the device's free memory; on the CPU at most 10^6 trial cells, which "
+                                 "stay in the processor's caches)")
     pin_data: bool = _opt(False, "keep the data in pinned host memory during the fit and copy each E-step chunk "
                                  "to the device (non_blocking), so that device memory holds one chunk's data "
                                  "(with chunk_size; pinning needs CUDA, on the CPU the chunks are only sliced)")
