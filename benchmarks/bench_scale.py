@@ -83,6 +83,7 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
 
     import torchem.optim as optim
     from torchem import EMModel, SubjectBatch
+    from torchem.estep import auto_chunk_size
     from torchem.models.rl import rw1a1b_fit
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
@@ -121,7 +122,8 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = model.fit(verbose=0, **kwargs)
+    seen = []  # the fit's thread count (torchem picks one for small chunks unless told)
+    res = model.fit(verbose=0, callback=lambda state: seen.append(torch.get_num_threads()) and None, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
@@ -135,8 +137,8 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
         "subjects": size,
         "device": str(device),
         "dtype": args.dtype,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "chunk_size": getattr(res.options, "chunk_size", None),
+        "threads": seen[0] if device.type == "cpu" and seen else None,
+        "chunk_size": (auto_chunk_size(model.batch, 2, dtype, device=device) if chunk == "auto" else chunk),
         "simulate_s": t_sim,
         "build_s": t_build,
         "fit_s": t_fit,
