@@ -175,6 +175,7 @@ COLUMNS = [
     ("us_per_subject_iteration", "us per subject-iteration", "{:.1f}"),
     ("us_per_subject_evaluation", "us per subject-evaluation", "{:.2f}"),
     ("fit_cpu_s", "fit CPU s", "{:.1f}"),
+    ("cpu_us_per_subject_iteration", "CPU us per subject-iteration", "{:.1f}"),
     ("chunk_size", "chunk size", "{}"),
     ("threads", "threads", "{}"),
     ("build_s", "build batch s", "{:.1f}"),
@@ -185,6 +186,8 @@ COLUMNS = [
 
 
 def to_markdown(rows: list[dict]) -> str:
+    for r in rows:  # process CPU time is what a busy machine inflates least
+        r["cpu_us_per_subject_iteration"] = 1e6 * r["fit_cpu_s"] / (r["subjects"] * r["em_iterations"])
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     if any(r.get("peak_cuda_gib") is not None for r in rows):
         cols.insert(4, ("peak_cuda_gib", "peak CUDA GiB", "{:.2f}"))
@@ -207,8 +210,10 @@ def linearity(rows: list[dict]) -> list[str]:
     out = []
     for r in ok[1:]:
         ratio = r["us_per_subject_iteration"] / base["us_per_subject_iteration"]
-        out.append(f"cost per subject-iteration at {r['subjects']:,} subjects is {ratio:.2f}x that at "
-                   f"{base['subjects']:,} (1.00x: linear growth)")
+        cpu = (r["fit_cpu_s"] / (r["subjects"] * r["em_iterations"])) / (
+            base["fit_cpu_s"] / (base["subjects"] * base["em_iterations"]))
+        out.append(f"cost per subject-iteration at {r['subjects']:,} subjects is {ratio:.2f}x (wall) and "
+                   f"{cpu:.2f}x (CPU time) that at {base['subjects']:,} (1.00x: linear growth)")
     return out
 
 
@@ -274,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gloo", action="store_true", help="also time 2 gloo processes against 1")
     ap.add_argument("--gloo-subjects", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=None, help="write the table as markdown")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="append each size's figures to this JSON-lines file and tabulate every size in it (the "
+                         "latest row per size, device and dtype): sizes can be run one at a time")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -300,8 +308,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(found[-1][len("RESULT "):]))
         if rank == 0:
             print(json.dumps(rows[-1]), flush=True)
+            if args.json is not None and "error" not in rows[-1]:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(rows[-1]) + "\n")
     if rank != 0:
         return 0
+    if args.json is not None:
+        latest = {}
+        for line in args.json.read_text().splitlines():
+            r = json.loads(line)
+            latest[(r["subjects"], r["device"], r["dtype"])] = r
+        rows = sorted(latest.values(), key=lambda r: (r["device"], r["dtype"], r["subjects"])) + [
+            r for r in rows if "error" in r]
     ok = [r for r in rows if "error" not in r]
     notes = linearity(ok)
     notes += [f"{r['subjects']:,} subjects failed: {r['error']}" for r in rows if "error" in r]
@@ -309,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['group_mean_fit'][0]:+.3f}, {r['group_mean_fit'][1]:+.3f}; simulated "
               f"{r['group_mean_true'][0]:+.3f}, {r['group_mean_true'][1]:+.3f}; converged: {r['converged']}; "
               f"E-step failures {r['estep_failed']}; simulate {r['simulate_s']:.1f} s (not counted)" for r in ok]
+    if all(r["device"] == "cpu" for r in ok):
+        notes.append("No GPU figures are estimated from these: on a GPU the cost per subject is set by kernel "
+                     "launches per trial (small chunks) and memory bandwidth (large ones), neither of which the CPU "
+                     "costs measure; run this script with --device cuda (--dtype float32|float64) to measure them.")
     if args.gloo:
         notes += gloo_rows(args)
     table = to_markdown(ok)
