@@ -5,8 +5,10 @@ does not carry over from a smaller size) and reports:
 
 * wall time of the fit (building the batch and simulating are timed apart);
 * subjects per second (subjects / fit wall time);
-* peak resident memory of that process (``VmHWM`` of ``/proc/self/status``;
-  on CUDA also ``torch.cuda.max_memory_allocated``);
+* peak resident memory during the fit (``VmHWM`` of ``/proc/self/status``,
+  restarted after simulating and building the data through ``clear_refs``;
+  else the process's peak) and the resident memory before the fit; on CUDA
+  also ``torch.cuda.max_memory_allocated``;
 * EM iterations (E-steps), likelihood-and-gradient evaluations of the
   E-steps (calls, and subject-evaluations: the rows of all calls summed);
 * the cost per subject-iteration (fit time / (subjects x E-steps)) and per
@@ -63,18 +65,29 @@ def simulate(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return choices, rewards, x
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
+def peak_rss_bytes(field: str = "VmHWM") -> int:
+    """Peak resident memory of this process (``VmHWM``, or ``field`` of /proc/self/status; ``ru_maxrss``
+    where /proc is absent)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart ``VmHWM`` from the current resident size (Linux ``clear_refs``); ``False`` where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def fit_one(size: int, args: argparse.Namespace) -> dict:
@@ -117,6 +130,8 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
     kwargs = {"chunk_size": chunk, "mstep_maxit": args.maxit}
     if args.pinned:
         kwargs["pin_data"] = True
+    rss_data = peak_rss_bytes("VmRSS")  # resident now: the data and the library
+    peak_reset = reset_peak_rss()  # the peak then covers the fit, not the simulation
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -152,6 +167,8 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
         "us_per_subject_evaluation": 1e6 * t_fit / max(calls["rows"], 1),
         "params_df_s": t_df,
         "peak_rss_gib": peak_rss_bytes() / 2**30,
+        "rss_before_fit_gib": rss_data / 2**30,
+        "peak_is_fit_only": peak_reset,
         "peak_cuda_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None),
         "group_mean_true": [float(v) for v in x_true.mean(0)],
         "group_mean_fit": [float(v) for v in mu],
@@ -168,7 +185,8 @@ COLUMNS = [
     ("subjects", "subjects", "{:,}"),
     ("fit_s", "fit wall s", "{:.1f}"),
     ("subjects_per_s", "subjects/s", "{:,.0f}"),
-    ("peak_rss_gib", "peak RSS GiB", "{:.2f}"),
+    ("peak_rss_gib", "peak RSS during fit GiB", "{:.2f}"),
+    ("rss_before_fit_gib", "RSS before fit GiB", "{:.2f}"),
     ("em_iterations", "EM iterations", "{}"),
     ("estep_calls", "E-step evaluations (calls)", "{:,}"),
     ("subject_evaluations", "subject-evaluations", "{:,}"),
