@@ -317,8 +317,8 @@ def free_memory(device: torch.device) -> int:
 
 
 #: Trial cells per E-step chunk that ``chunk_size="auto"`` does not exceed on the CPU: larger chunks leave the
-#: processor's caches (rw1a1b, 96 trials: 25-30 us per subject for a likelihood and gradient at 3,000-10,000
-#: subjects, 58-62 us at 30,000-100,000).
+#: processor's caches (rw1a1b, 96 trials, one thread, CPU time: 6-7 us per subject for a likelihood and gradient
+#: at 1,000-10,000 subjects, 10-12 us at 30,000-100,000).
 CPU_CHUNK_CELLS = 10**6
 
 
