@@ -95,7 +95,7 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
     import torch
 
     import torchem.optim as optim
-    from torchem import EMModel, SubjectBatch
+    from torchem import EMModel, SubjectBatch, run_em
     from torchem.estep import auto_chunk_size
     from torchem.models.rl import rw1a1b_fit
 
@@ -113,7 +113,8 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
     batch = SubjectBatch({"choices": torch.from_numpy(choices), "rewards": torch.from_numpy(rewards)},
                          torch.ones(choices.shape, dtype=torch.bool), list(range(size)), categorical=["choices"])
     del choices, rewards
-    model = EMModel(batch, rw1a1b_fit, device=device, dtype=dtype)
+    # --pinned: the model's batch stays on the CPU (pinned by the fit) and only E-step chunks reach the device
+    model = EMModel(batch, rw1a1b_fit, device="cpu" if args.pinned else device, dtype=dtype)
     t_build = time.perf_counter() - t0
 
     calls = {"n": 0, "rows": 0}
@@ -138,7 +139,11 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
     seen = []  # the fit's thread count (torchem picks one for small chunks unless told)
-    res = model.fit(verbose=0, callback=lambda state: seen.append(torch.get_num_threads()) and None, **kwargs)
+    if args.pinned:
+        res = run_em(model.model, model.batch, verbose=0, callback=lambda state: seen.append(torch.get_num_threads()),
+                     device=device, **kwargs)
+    else:
+        res = model.fit(verbose=0, callback=lambda state: seen.append(torch.get_num_threads()), **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
@@ -154,6 +159,7 @@ def fit_one(size: int, args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "threads": seen[0] if device.type == "cpu" and seen else None,
         "chunk_size": (auto_chunk_size(model.batch, 2, dtype, device=device) if chunk == "auto" else chunk),
+        "pinned": bool(args.pinned),
         "simulate_s": t_sim,
         "build_s": t_build,
         "fit_s": t_fit,
