@@ -347,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = [r for r in rows if "error" not in r]
     notes = linearity(ok)
     notes += [f"{r['subjects']:,} subjects failed: {r['error']}" for r in rows if "error" in r]
+    if args.json is not None:
+        notes.append(f"rows from {args.json} (sizes may come from separate runs: see each row's load columns)")
+    whole = [f"{r['subjects']:,}" for r in ok if not r.get("peak_is_fit_only", True)]
+    if whole:
+        notes.append(f"peak RSS at {', '.join(whole)} subjects is the whole process's (simulation included), "
+                     "(that run did not restart the peak for the fit)")
     notes += [f"{r['subjects']:,} subjects: group mean (normalized beta, alpha) fitted "
               f"{r['group_mean_fit'][0]:+.3f}, {r['group_mean_fit'][1]:+.3f}; simulated "
               f"{r['group_mean_true'][0]:+.3f}, {r['group_mean_true'][1]:+.3f}; converged: {r['converged']}; "
