@@ -139,11 +139,15 @@ def test_robust_groups_resist_gross_outliers():
     err = {f: np.abs(r.posterior_mu.numpy() - mu).sum() for f, r in fits.items()}
     assert err["student_t"] < 0.7 * err["gaussian"], err
     assert err["laplace"] < 0.6 * err["gaussian"], err  # MAP E-steps left the Laplace location 0.92 off
-    # inliers are shrunk less towards the outliers (at +4): their MAPs move up less
+    # inliers are shrunk less towards the outliers (at +4): their alphas move up less (beta = 19.6 of 20 at +4
+    # is saturated: the outliers say little about beta, and no group pulls the inliers' betas up), and the
+    # inliers' MAPs are nearer their true values
     inl = ~out
     shift = {f: (r.m.numpy()[inl] - norm[inl]).mean(0) for f, r in fits.items()}
-    assert (shift["student_t"] < shift["gaussian"]).all(), shift
-    assert (shift["laplace"] < shift["gaussian"]).all(), shift
+    rmse = {f: np.sqrt(((r.m.numpy()[inl] - norm[inl]) ** 2).mean(0)).sum() for f, r in fits.items()}
+    for f in ("student_t", "laplace"):
+        assert shift[f][1] < 0.7 * shift["gaussian"][1], shift
+        assert rmse[f] < rmse["gaussian"] - 0.01, rmse
 
 
 def test_prior_starts_em_and_is_replaced_at_the_first_mstep(reference_model):
