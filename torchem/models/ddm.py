@@ -870,6 +870,11 @@ def _where(cond, a: dict, b: dict) -> dict:
     return {k: torch.where(cond, a.get(k, 0.0), b.get(k, 0.0)) for k in set(a) | set(b)}
 
 
+def _varies(vec: dict, axis: int) -> bool:
+    """Whether a sparse vector of node tangents varies along node axis ``axis`` (0 time nodes, 1 start nodes)."""
+    return any(torch.is_tensor(t) and t.dim() == 4 and t.shape[axis] > 1 for t in vec.values())
+
+
 def _node_sum(x: torch.Tensor, keep_t: bool, keep_z: bool) -> torch.Tensor:
     """Sum over the decision-time (axis 0) and start (axis 1) node axes not kept."""
     axes = tuple(i for i, keep in ((0, keep_t), (1, keep_z)) if not keep and x.shape[i] > 1)
@@ -884,8 +889,9 @@ def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, term
     ``(a, z, sz)`` through the onset cut), the start nodes on ``(z, sz)``.  With ``Pi`` the posterior weight of
     each node (its share of the trial's density times the Wiener component's share of the mixture) and ``g``
     the node's gradient in the natural parameters, the log-likelihood's Hessian is
-    ``sum_nodes Pi (grad^2 l + g g^T) - sum_trials gbar gbar^T`` (``gbar`` = ``sum_nodes Pi g`` of the trial),
-    and the transforms' derivatives take it to the normalized parameters.  Arguments as :func:`_ddm4_terms`.
+    ``sum_nodes Pi (grad^2 l + g g^T) - sum_trials gbar gbar^T`` (``gbar = sum_nodes Pi g`` of the trial),
+    and the transforms' derivatives take it to the normalized parameters.  What depends on the time nodes or
+    on the start nodes only is summed over the other axis first.  Arguments as :func:`_ddm4_terms`.
     """
     dtype = x.dtype
     col = lambda j: x[:, j:j + 1]  # noqa: E731
@@ -907,7 +913,6 @@ def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, term
     span_w = torch.where(sp_z, q["span_w"], 1.0)
     g_span_w = _where(sp_z, {_Z: cw * S_w / span_w, _SZ: S_s / span_w}, {})
     g_addw = _lin((1.0, g_span_w), (-1.0, {_SZ: torch.where(sp_z, 1.0 / sz, 0.0)}))
-    h_addw = _lin((-1.0, _outer(g_span_w)), (1.0, {(_SZ, _SZ): torch.where(sp_z, 1.0 / (sz * sz), 0.0)}))
     # decision-time nodes dt = exp(lam), lam = (1 - xi) log s_lo + xi log s_hi, and their log weights
     sp_t = q["spread_t"]
     xis = (1.0 + q["xs"]) / 2.0
@@ -915,27 +920,20 @@ def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, term
     window = s_lo < q["s_hi"]  # elsewhere the nodes hold no density: harmless values keep the products finite
     s_hi = torch.where(window, q["s_hi"], 1.0)
     case_a = window & (q["st_lo"] > onset) & (q["st_lo"] > _T_MIN)  # s_lo = s_hi - st
+    case_b = window & ~case_a & (onset > _T_MIN)  # s_lo = onset = (wn_0 a)^2 / 60
     st_lo = torch.where(case_a, q["st_lo"], 1.0)
     g_hi = {_T0: -1.0 / s_hi, _ST: 0.5 / s_hi}
-    h_hi = _outer(g_hi, -1.0)
-    case_b = window & ~case_a & (onset > _T_MIN)  # s_lo = onset = (wn_0 a)^2 / 60
     wn0 = wn[:, :1]
     t_wn0 = {k: t[:, :1] / wn0 for k, t in T_wn.items()}
     g_a = {_T0: -1.0 / st_lo, _ST: -0.5 / st_lo}
     g_b = _lin((2.0, t_wn0), (1.0, {_A: 2.0 / a}))
     g_lo = _where(case_a, g_a, _where(case_b, g_b, {}))
-    h_lo = _where(case_a, _outer(g_a, -1.0),
-                  _where(case_b, _lin((-2.0, _outer(t_wn0)), (1.0, {(_A, _A): -2.0 / (a * a)})), {}))
     g_lam = _lin((1.0 - xis, g_lo), (xis, g_hi))
-    h_lam = _lin((1.0 - xis, h_lo), (xis, h_hi))
     span = q["span"]
     g_span = _lin((1.0, g_hi), (-1.0, g_lo))
     g_dt = _where(sp_t, {k: dt * t for k, t in g_lam.items()}, {_T0: -1.0})
-    h_dt = _where(sp_t, _lin((dt, _outer(g_lam)), (dt, h_lam)), {})
     g_addt = _where(sp_t, _lin((1.0 / span, g_span), (1.0, {_ST: -1.0 / st}), (1.0, g_lam)), {})
-    h_addt = _where(sp_t, _lin((1.0 / span, _lin((1.0, h_hi), (-1.0, h_lo))), (-1.0 / (span * span), _outer(g_span)),
-                               (1.0, {(_ST, _ST): 1.0 / (st * st)}), (1.0, h_lam)), {})
-    # the node's log density and its derivatives in r = (dt, v, a, wn, sv)
+    # the node's log density (as _wfpt_lower) and its derivatives in r = (dt, v, a, wn, sv)
     ac = a.clamp_min(1e-6)
     a2 = ac * ac
     valid = (dt > _T_MIN) & q["keep"]
@@ -949,22 +947,15 @@ def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, term
     ell = lf[0] + torch.where(valid, by_t, _NEG) + (a2 * s2 * wn - 2.0 * ac * v) * wn * half_inv + q["add_w"]
     M = torch.logsumexp(ell, (0, 1))
     M = torch.where(valid.flatten(0, 1).any(0), M, _NEG)
-    sig = torch.sigmoid(M + shift) * m
-    Pi = torch.exp(ell - M) * sig  # (n_st, n_sz, S, T)
+    Pi = torch.exp(ell - M) * (torch.sigmoid(M + shift) * m)  # (n_st, n_sz, S, T)
     iD = 2.0 * half_inv  # 1 / (1 + sv^2 t)
     N = a2 * s2 * wn * wn - 2.0 * ac * v * wn - v * v * t
     sn = 2.0 * near.to(dtype) - 1.0
-    l_u, l_y, l_uu, l_uy, l_yy = lf[1:]
+    l_u, l_y = lf[1], lf[2]
     du = {"dt": 1.0 / a2, "a": -2.0 * u / ac}
-    ddu = {("dt", "a"): -2.0 / (a2 * ac), ("a", "a"): 6.0 * u / a2}
     dN = {"dt": -v * v, "v": -2.0 * ac * wn - 2.0 * v * t, "a": 2.0 * ac * s2 * wn * wn - 2.0 * v * wn,
           "wn": 2.0 * a2 * s2 * wn - 2.0 * ac * v, "sv": 2.0 * a2 * sv * wn * wn}
-    ddN = {("dt", "v"): -2.0 * v, ("v", "v"): -2.0 * t, ("v", "a"): -2.0 * wn, ("v", "wn"): -2.0 * ac,
-           ("a", "a"): 2.0 * s2 * wn * wn, ("a", "wn"): 4.0 * ac * s2 * wn - 2.0 * v,
-           ("a", "sv"): 4.0 * ac * sv * wn * wn, ("wn", "wn"): 2.0 * a2 * s2, ("wn", "sv"): 4.0 * a2 * sv * wn,
-           ("sv", "sv"): 2.0 * a2 * wn * wn}
     dD = {"dt": s2, "sv": 2.0 * sv * t}
-    ddD = {("dt", "sv"): 2.0 * sv, ("sv", "sv"): 2.0 * t}
     R = ["dt", "v", "a", "wn", "sv"]
     F1 = {r: 0.5 * iD * dN[r] for r in R}
     F1["dt"] = F1["dt"] + l_u * du["dt"]
@@ -972,83 +963,89 @@ def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, term
     F1["wn"] = F1["wn"] + sn * l_y
     for r in dD:  # -0.5 log D and the D in Q = N / 2D
         F1[r] = F1[r] - 0.5 * iD * dD[r] * (1.0 + N * iD)
-    F2 = {}
-    for i, r in enumerate(R):
-        for r2 in R[i:]:
-            k = (r, r2)
-            val = 0.5 * iD * ddN[k] if k in ddN else 0.0
-            if r in du and r2 in du:
-                val = val + l_uu * du[r] * du[r2] + (l_u * ddu[k] if k in ddu else 0.0)
-            if r2 == "wn" and r in du:
-                val = val + sn * l_uy * du[r]
-            if k == ("wn", "wn"):
-                val = val + l_yy
-            if k == ("a", "a"):
-                val = val + 2.0 / a2
-            Dr, Dr2 = dD.get(r), dD.get(r2)
-            if Dr is not None or Dr2 is not None or k in ddD:
-                iD2 = iD * iD
-                if k in ddD:
-                    val = val - (0.5 + 0.5 * N * iD) * iD * ddD[k]
-                if Dr is not None and Dr2 is not None:
-                    val = val + (0.5 + N * iD) * iD2 * Dr * Dr2
-                if Dr2 is not None:
-                    val = val - 0.5 * iD2 * dN[r] * Dr2
-                if Dr is not None:
-                    val = val - 0.5 * iD2 * dN[r2] * Dr
-            if not isinstance(val, float):
-                F2[k] = val
     T = {"dt": g_dt, "v": {_V: c_v}, "a": {_A: torch.ones_like(a)}, "wn": T_wn, "sv": {_SV: torch.ones_like(sv)}}
-    # the node's gradient in nu, and the Hessian's sums over nodes
-    g = _lin(*((F1[r], T[r]) for r in R), (1.0, g_addt), (1.0, g_addw))
-    shape = Pi.shape
-    G = torch.stack([g[i].expand(shape) if i in g else torch.zeros(shape, dtype=dtype) for i in range(7)])
-    GP = G * Pi
-    H = torch.einsum("iabst,jabst->sij", GP, G)
-    Gt = GP.sum((1, 2))  # (7, S, T): m sig gbar of each trial
-    H = H - torch.einsum("ist,jst->sij", Gt, Gt)
-    Hs = {}
-
-    def add(i, j, val):
-        k = (min(i, j), max(i, j))
-        Hs[k] = Hs[k] + val if k in Hs else val
-
-    def varies(vec, axis):
-        return any(torch.is_tensor(t) and t.dim() == 4 and t.shape[axis] > 1 for t in vec.values())
-
-    for (r, r2), f2 in F2.items():
-        Tr, Tr2 = T[r], T[r2]
-        P = _node_sum(Pi * f2, varies(Tr, 0) or varies(Tr2, 0), varies(Tr, 1) or varies(Tr2, 1))
-        for i, ti in Tr.items():
-            for j, tj in Tr2.items():
-                if r == r2 and j < i:
-                    continue
-                val = (P * ti * tj).sum((0, 1, 3))
-                add(i, j, 2.0 * val if (r != r2 and i == j) else val)
-    P_t = _node_sum(Pi, True, False)
-    P_dt = _node_sum(Pi * F1["dt"], True, False)
-    for (i, j), val in _lin((1.0, h_addt)).items():
-        add(i, j, (P_t * val).sum((0, 1, 3)))
-    for (i, j), val in h_dt.items():
-        add(i, j, (P_dt * val).sum((0, 1, 3)))
-    P_z = _node_sum(Pi, False, True)
-    for (i, j), val in h_addw.items():
-        add(i, j, (P_z * val).sum((0, 1, 3)))
-    zero = torch.zeros(H.shape[0], dtype=dtype, device=x.device)
-    H = H + torch.stack([torch.stack([Hs.get((min(i, j), max(i, j)), zero) for j in range(7)], -1)
-                         for i in range(7)], -2)
-    Gn = Gt.sum(-1).T  # (S, 7) gradient of the log-likelihood in nu
+    P_t, P_z = _node_sum(Pi, True, False), _node_sum(Pi, False, True)
+    # the transforms' first and second derivatives
     s = {j: torch.sigmoid(-col(j)) for j in (1, 4, 5, 6)}
     s[2] = torch.sigmoid(2.2 - col(2))
     nat = {1: a, 2: t0, 4: sv, 5: st, 6: sz}
     K1 = {j: nat[j] * s[j] for j in nat}
     K1[1] = torch.where(a > 1e-6, K1[1], 0.0)
     K1[3] = z * zbar
+    K = torch.cat([torch.ones_like(a)] + [K1[j] for j in range(1, 7)], 1)
+    g = _lin(*((F1[r], T[r]) for r in R), (1.0, g_addt), (1.0, g_addw))
+    G = torch.stack([g[i].expand(Pi.shape) for i in range(7)])
+    GP = G * Pi
+    Gt = GP.sum((1, 2))  # (7, S, T): m sig gbar of each trial
+    H = torch.einsum("iabst,jabst->sij", GP, G) - torch.einsum("ist,jst->sij", Gt, Gt)
+    # second derivatives of the nodes and their weights
+    h_addw = _lin((-1.0, _outer(g_span_w)), (1.0, {(_SZ, _SZ): torch.where(sp_z, 1.0 / (sz * sz), 0.0)}))
+    h_hi = _outer(g_hi, -1.0)
+    h_lo = _where(case_a, _outer(g_a, -1.0),
+                  _where(case_b, _lin((-2.0, _outer(t_wn0)), (1.0, {(_A, _A): -2.0 / (a * a)})), {}))
+    h_lam = _lin((1.0 - xis, h_lo), (xis, h_hi))
+    h_dt = _where(sp_t, _lin((dt, _outer(g_lam)), (dt, h_lam)), {})
+    h_addt = _where(sp_t, _lin((1.0 / span, _lin((1.0, h_hi), (-1.0, h_lo))), (-1.0 / (span * span), _outer(g_span)),
+                               (1.0, {(_ST, _ST): 1.0 / (st * st)}), (1.0, h_lam)), {})
+    l_uu, l_uy, l_yy = lf[3:]
+    ddu = {("dt", "a"): -2.0 / (a2 * ac), ("a", "a"): 6.0 * u / a2}
+    ddN = {("dt", "v"): -2.0 * v, ("v", "v"): -2.0 * t, ("v", "a"): -2.0 * wn, ("v", "wn"): -2.0 * ac,
+           ("a", "a"): 2.0 * s2 * wn * wn, ("a", "wn"): 4.0 * ac * s2 * wn - 2.0 * v,
+           ("a", "sv"): 4.0 * ac * sv * wn * wn, ("wn", "wn"): 2.0 * a2 * s2, ("wn", "sv"): 4.0 * a2 * sv * wn,
+           ("sv", "sv"): 2.0 * a2 * wn * wn}
+    ddD = {("dt", "sv"): 2.0 * sv, ("sv", "sv"): 2.0 * t}
+    Hs = {}
+
+    def add(i, j, val):
+        k = (min(i, j), max(i, j))
+        Hs[k] = Hs[k] + val if k in Hs else val
+
+    for i, r in enumerate(R):
+        for r2 in R[i:]:
+            k = (r, r2)
+            f2 = 0.5 * iD * ddN[k] if k in ddN else 0.0
+            if r in du and r2 in du:
+                f2 = f2 + l_uu * du[r] * du[r2] + (l_u * ddu[k] if k in ddu else 0.0)
+            if r2 == "wn" and r in du:
+                f2 = f2 + sn * l_uy * du[r]
+            if k == ("wn", "wn"):
+                f2 = f2 + l_yy
+            if k == ("a", "a"):
+                f2 = f2 + 2.0 / a2
+            if k in ddD:
+                f2 = f2 - (0.5 + 0.5 * N * iD) * iD * ddD[k]
+            if r in dD and r2 in dD:
+                f2 = f2 + (0.5 + N * iD) * iD * iD * dD[r] * dD[r2]
+            if r2 in dD:
+                f2 = f2 - 0.5 * iD * iD * dN[r] * dD[r2]
+            if r in dD:
+                f2 = f2 - 0.5 * iD * iD * dN[r2] * dD[r]
+            if isinstance(f2, float):
+                continue
+            # sum_nodes Pi f2 (T_r T_r2^T + T_r2 T_r^T): the time-node tangents of dt meet the start-node ones of wn
+            Tr, Tr2 = T[r], T[r2]
+            if _varies(Tr, 0) and _varies(Tr2, 1) and not _varies(Tr, 1):
+                P = Pi * f2
+                Tr2 = {j: _node_sum(P * tj, True, False) for j, tj in Tr2.items()}
+                pairs = [(i1, j1, ti * Tr2[j1]) for i1, ti in Tr.items() for j1 in Tr2]
+            else:
+                P = _node_sum(Pi * f2, _varies(Tr, 0) or _varies(Tr2, 0), _varies(Tr, 1) or _varies(Tr2, 1))
+                pairs = [(i1, j1, P * ti * tj) for i1, ti in Tr.items() for j1, tj in Tr2.items()
+                         if r != r2 or i1 <= j1]
+            for i1, j1, val in pairs:
+                val = val.sum((0, 1, 3))
+                add(i1, j1, 2.0 * val if (r != r2 and i1 == j1) else val)
+    P_dt = _node_sum(Pi * F1["dt"], True, False)
+    for h, P in ((h_addt, P_t), (h_dt, P_dt), (h_addw, P_z)):
+        for (i, j), val in h.items():
+            add(i, j, (P * val).sum((0, 1, 3)))
+    zero = torch.zeros(H.shape[0], dtype=dtype, device=x.device)
+    H = H + torch.stack([torch.stack([Hs.get((min(i, j), max(i, j)), zero) for j in range(7)], -1)
+                         for i in range(7)], -2)
     K2 = {j: K1[j] * (2.0 * s[j] - 1.0) for j in nat}
     K2[3] = K1[3] * (zbar - z)
-    K = torch.cat([torch.ones_like(a)] + [K1[j] for j in range(1, 7)], 1)
     K2 = torch.cat([torch.zeros_like(a)] + [K2[j] for j in range(1, 7)], 1)
-    return -(K.unsqueeze(-1) * K.unsqueeze(-2) * H + torch.diag_embed(K2 * Gn))
+    return -(K.unsqueeze(-1) * K.unsqueeze(-2) * H + torch.diag_embed(K2 * Gt.sum(-1).T))
 
 
 # ----------------------------------------------------------------------------------------------------
