@@ -136,6 +136,11 @@ class FitResult:
     estep_prior : Prior or None
         The group distribution the final E-step used (``NPL`` and ``inv_h`` are
         under it; ``group`` is the M-step after it).
+    lme : Tensor or None
+        ``(S,)`` Laplace log evidence of each subject as the fit computed it:
+        for the heavy-tailed groups the variational bound of their E-steps
+        (see :class:`torchem.groups.LocalPrior`); ``None``: from ``NPL`` and
+        ``hess_logdet`` (:meth:`laplace_evidence`).
     """
 
     m: torch.Tensor
@@ -162,6 +167,13 @@ class FitResult:
     stopped: bool = False
     importance: ImportanceResult | None = field(default=None, repr=False)
     estep_prior: Prior | None = field(default=None, repr=False)
+    lme: torch.Tensor | None = field(default=None, repr=False)
+
+    def laplace_evidence(self) -> torch.Tensor:
+        """``(S,)`` per-subject Laplace log evidence (:attr:`lme`, or from ``NPL`` and ``hess_logdet``)."""
+        from .evidence import laplace_lme
+
+        return laplace_lme(self.NPL, self.hess_logdet, self.n_params) if self.lme is None else self.lme
 
     # -------------------------------------------------------------- views
     @property
@@ -251,12 +263,10 @@ class FitResult:
 
     def subject_table(self) -> pd.DataFrame:
         """Per-subject results: natural MAPs, NLL, NPL, Laplace log evidence and flags (CLI, dashboard)."""
-        from .evidence import laplace_lme
-
         df = self.params_df()
         df["NLL"] = self.NLL.detach().cpu().numpy()
         df["NPL"] = self.NPL.detach().cpu().numpy()
-        df["LME (Laplace)"] = laplace_lme(self.NPL, self.hess_logdet, self.n_params).detach().cpu().numpy()
+        df["LME (Laplace)"] = self.laplace_evidence().detach().cpu().numpy()
         df["status"] = [SubjectStatus(int(s)).name.lower() for s in self.status.cpu()]
         df["hessian_ok"] = self.hessian_ok.cpu().numpy()
         df["laplace_capped"] = self.laplace_capped.cpu().numpy()
@@ -264,9 +274,9 @@ class FitResult:
 
     def summary(self) -> dict[str, Any]:
         """The fit in a few numbers (plain Python values): sizes, convergence, group, NPL, LME, flags, warnings."""
-        from .evidence import laplace_lme, total_lme
+        from .evidence import total_lme
 
-        lap = laplace_lme(self.NPL, self.hess_logdet, self.n_params)
+        lap = self.laplace_evidence()
         out = {
             "subjects": self.n_subjects,
             "parameters": list(self.param_names),
@@ -375,7 +385,8 @@ class EMRun:
             x0 = self.prior.start(S, self.generator)
         self.laplace = LaplaceEStep(model, batch, x0, generator=self.generator, max_restarts=options.max_restarts,
                                     estep_maxit=options.estep_maxit, gtol=options.gtol,
-                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap)
+                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap,
+                                    variational=options.variational)
         self.all_idx = torch.arange(S, device=self.device)
         self.chunk_size = (auto_chunk_size(batch, P, self.dtype) if options.chunk_size == "auto"
                            else options.chunk_size)
@@ -732,6 +743,7 @@ class EMRun:
             subject_ids=list(self.batch.subject_ids), param_xform=list(self.model.param_xform),
             stop_reason=self.stop_reason, warnings=list(self.warnings), options=self.opts, estep=self.estep_kind,
             stopped=self.stopped, importance=post.importance, estep_prior=prior,
+            lme=None if not self.opts.variational or prior.local(None, None) is prior else post.laplace_lme,
         )
 
 
