@@ -128,13 +128,13 @@ def template(name: str) -> list:
     return [[sim[k][0] for k in fit.inputs]]
 
 
-def run(name: str, nsubjects: int, seed: int, maxit: int) -> dict:
+def run(name: str, nsubjects: int, seed: int, maxit: int, convergence: str | None = None) -> dict:
     fit = MODELS[name]
     nsubjects = NSUBJECTS.get(name, nsubjects)
     rng = np.random.default_rng(seed)
     true = draw_params(name, nsubjects, rng)
     design, text = DESIGNS[name]
-    fit_kwargs = {"mstep_maxit": maxit}
+    fit_kwargs = {"mstep_maxit": maxit, "convergence": convergence}
     model = EMModel(template(name), fit, device="cpu")
     t0 = time.perf_counter()
     rec = model.recover(true, seed=seed + 1, fit_kwargs=fit_kwargs, **design)
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--maxit", type=int, default=800, help="EM iteration cap of every fit")
+    ap.add_argument("--convergence", default=None, help="EM stopping rule of every fit (default: the engine's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "recovery_table.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     rows = []
     for i, name in enumerate(names):
-        row = run(name, args.subjects, args.seed + 10 * i, args.maxit)
+        row = run(name, args.subjects, args.seed + 10 * i, args.maxit, args.convergence)
         rows.append(row)
         print(f"{name:13s} {row['seconds']:6.1f} s  {row['iterations']:3d} it  "
               + "  ".join(f"{k} {v:.3f}" for k, v in row["r"].items()), flush=True)

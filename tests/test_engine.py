@@ -139,11 +139,15 @@ def test_robust_groups_resist_gross_outliers():
     err = {f: np.abs(r.posterior_mu.numpy() - mu).sum() for f, r in fits.items()}
     assert err["student_t"] < 0.7 * err["gaussian"], err
     assert err["laplace"] < 0.6 * err["gaussian"], err  # MAP E-steps left the Laplace location 0.92 off
-    # inliers are shrunk less towards the outliers (at +4): their MAPs move up less
+    # inliers are shrunk less towards the outliers (at +4): their alphas move up less (beta = 19.6 of 20 at +4
+    # is saturated: the outliers say little about beta, and no group pulls the inliers' betas up), and the
+    # inliers' MAPs are nearer their true values
     inl = ~out
     shift = {f: (r.m.numpy()[inl] - norm[inl]).mean(0) for f, r in fits.items()}
-    assert (shift["student_t"] < shift["gaussian"]).all(), shift
-    assert (shift["laplace"] < shift["gaussian"]).all(), shift
+    rmse = {f: np.sqrt(((r.m.numpy()[inl] - norm[inl]) ** 2).mean(0)).sum() for f, r in fits.items()}
+    for f in ("student_t", "laplace"):
+        assert shift[f][1] < 0.7 * shift["gaussian"][1], shift
+        assert rmse[f] < rmse["gaussian"] - 0.01, rmse
 
 
 def test_prior_starts_em_and_is_replaced_at_the_first_mstep(reference_model):
@@ -333,12 +337,16 @@ def test_pyem_npl_options_select_the_npl_rule_and_optimizer_names_map(reference_
     assert prior.logpdf([0.0, 2.0]) == pytest.approx(expected, rel=1e-12)
 
 
-def test_float32_default_fit_agrees_with_float64(reference_model):
-    f64 = reference_model.fit(verbose=0)
-    f32 = reference_model.with_data(reference_model.batch, dtype=torch.float32).fit(verbose=0)
+@pytest.mark.parametrize("group", ["gaussian", "student_t"])
+def test_float32_default_fit_agrees_with_float64(reference_model, group):
+    f64 = reference_model.fit(verbose=0, group=group)
+    f32 = reference_model.with_data(reference_model.batch, dtype=torch.float32).fit(verbose=0, group=group)
     assert f32.m.dtype == torch.float32 and f32.estep_success.float().mean() > 0.95, f32.status
     torch.testing.assert_close(f32.posterior_mu.double(), f64.posterior_mu, atol=2e-3, rtol=0)
     torch.testing.assert_close(f32.posterior_var.double(), f64.posterior_var, atol=5e-3, rtol=0)
+    if group != "gaussian":  # the variational LME in float32
+        assert f32.lme.dtype == torch.float32
+        torch.testing.assert_close(f32.lme.double().sum(), f64.lme.sum(), atol=0.05, rtol=0)
 
 
 def test_a_sign_error_in_a_custom_choice_model_is_warned(small_data):

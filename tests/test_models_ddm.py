@@ -273,6 +273,43 @@ def test_values_gradients_and_hessians_finite_everywhere(name, dtype):
     assert f.dtype == dtype and H.dtype == dtype
 
 
+
+@pytest.mark.parametrize("name", ["ddm4", "ddm4_lotto", "ddm7", "ddm7_lotto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chain_rule_derivatives_equal_autograd(name, dtype):
+    """ddm4/ddm7 supply their own exact gradient and Hessian (chain rule over trials and quadrature nodes);
+    output="all" takes autograd through every operation, and torch.func differentiates that twice."""
+    fit, _, sim = sim_data(name, S=10, seed=5, ntrials=40)
+    data = [torch.as_tensor(sim[k]) for k in fit.inputs]
+    data[0][:, :3] = torch.tensor([1e-3, 0.05, 0.12])  # responses before most t0s (the contaminant)
+    data = [d.to(dtype) if d.is_floating_point() else d for d in data]
+    mask = torch.ones(data[0].shape, dtype=torch.bool)
+    mask[1, 25:], mask[2, 8:] = False, False
+    rng = np.random.default_rng(6)
+    P = len(fit.param_names)
+    x = torch.as_tensor(rng.normal(0.0, 1.5, (10, P)), dtype=dtype)
+    if P == 7:  # start range reaching a boundary, wide and vanishing ranges, t0 near the fastest responses
+        x[0, 6], x[1, 3], x[1, 6], x[2, 5], x[3, 2] = 3.0, 2.5, 2.0, 3.0, 2.5
+        x[4, 4], x[5, 5], x[6, 6] = -20.0, -20.0, -20.0
+
+    def reference(z):
+        return fit(z, *data, mask=mask, output="all")["nll"]
+
+    def own(z):
+        return fit(z, *data, mask=mask)
+
+    torch.testing.assert_close(own(x), reference(x), rtol=0, atol=0)
+    grads = []
+    for f in (own, reference):
+        z = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(f(z).sum(), z)[0])
+    H, H_ref = batched_hessian(own, x), batched_hessian(reference, x)
+    tol = 1e-8 if dtype == torch.float64 else 1e-3
+    scale = H_ref.abs().amax((1, 2), keepdim=True)
+    assert float(((H - H_ref).abs() / scale).max()) < tol
+    assert float(((grads[0] - grads[1]).abs() / (1.0 + grads[1].abs())).max()) < tol
+    assert torch.isfinite(H).all() and H.dtype == dtype
+
 def test_responses_before_t0_are_smooth_contaminants():
     fit = MODELS["ddm4"]
     rt = torch.tensor([[0.25, 0.6, 0.9, 1.4]], dtype=torch.float64)

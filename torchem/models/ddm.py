@@ -39,7 +39,19 @@ operations.  The first and second derivatives of both series are written
 out and handed to autograd by two small ``torch.autograd.Function`` s: the
 density is twice differentiable (autograd and ``torch.func``), and a
 gradient or an exact Hessian costs a few products per quadrature node
-instead of the derivative of every term.  Values, gradients and Hessians
+instead of the derivative of every term.  The library models go one step
+further: a subject's negative log-likelihood depends on its parameters
+only through a few quantities per trial and quadrature node (drift,
+boundary, decision time, start, drift SD and the nodes' weights), so its
+exact Hessian follows by the chain rule from the series' derivatives
+(:func:`_ddm4_terms`, :func:`_ddm7_hessian`) in one pass, instead of one
+Hessian-vector product through the whole computation per parameter;
+``ddm4`` and ``ddm4_lotto`` compute their value and gradient the same way.
+One ``torch.autograd.Function`` (:class:`_SubjectNLL`) hands them to
+autograd and ``torch.func``, so the engine's exact Hessians
+(:func:`torchem.curvature.batched_hessian`) take the model's Hessian with no
+change to the engine.  Tests compare both with autograd through every
+operation (the path ``output="all"`` takes).  Values, gradients and Hessians
 are finite for normalized parameters anywhere in [-300, 300] in float64
 ([-30, 30] in float32): tiny ``t / a^2``, starts next to a boundary, large
 drifts and responses faster than ``t0`` included.
@@ -294,24 +306,24 @@ def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: bool, J: int, ord
     ``log f = log lead + log1p(-+Q)`` has no cancellation.
     """
     iu = 1.0 / u
+    # every pair of the sum in one evaluation along a leading axis (after the leading pair when w > 1/2)
+    centres = [2.0 * j for j in range(1, J + 1)] if near_lower else [2.0 * j + 1.0 for j in range(J + 1)]
+    pairs = _log_pair(torch.tensor(centres, dtype=u.dtype, device=u.device).reshape((-1,) + (1,) * y.dim()),
+                      y, u, order)
     if near_lower:
         lead = (torch.log(y) - 0.5 * y * y * iu, 0.5 * y * y * iu * iu, 1.0 / y - y * iu, -y * y * iu * iu * iu,
                 y * iu * iu, -1.0 / (y * y) - iu)[:(1, 3, 6)[order]]  # log g(y) and its derivatives
     else:
-        lead = _log_pair(1.0, y, u, order)
+        lead, pairs = tuple(p[0] for p in pairs), tuple(p[1:] for p in pairs)
     sign = -1.0 if near_lower else 1.0
-    q = [0.0] * 6  # Q and its derivatives: u, y, uu, uy, yy
-    for j in range(1, J + 1):
-        pair = _log_pair(2.0 * j + (0.0 if near_lower else 1.0), y, u, order)
-        r = torch.exp(pair[0] - lead[0])
-        q[0] = q[0] + r
-        if order:
-            a_u, a_y = pair[1] - lead[1], pair[2] - lead[2]
-            q[1], q[2] = q[1] + r * a_u, q[2] + r * a_y
-        if order == 2:
-            q[3] = q[3] + r * (pair[3] - lead[3] + a_u * a_u)
-            q[4] = q[4] + r * (pair[4] - lead[4] + a_u * a_y)
-            q[5] = q[5] + r * (pair[5] - lead[5] + a_y * a_y)
+    r = torch.exp(pairs[0] - lead[0])
+    q = [r.sum(0)]  # Q and its derivatives: u, y, uu, uy, yy
+    if order:
+        a_u, a_y = pairs[1] - lead[1], pairs[2] - lead[2]
+        q += [(r * a_u).sum(0), (r * a_y).sum(0)]
+    if order == 2:
+        q += [(r * (pairs[3] - lead[3] + a_u * a_u)).sum(0), (r * (pairs[4] - lead[4] + a_u * a_y)).sum(0),
+              (r * (pairs[5] - lead[5] + a_y * a_y)).sum(0)]
     den = 1.0 + sign * q[0]
     out = (lead[0] + torch.log(den) - _HALF_LOG_2PI - 1.5 * torch.log(u),)
     if order == 0:
@@ -549,6 +561,58 @@ def _nodes(n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.as_tensor(np.log(w / 2.0), dtype=like.dtype, device=like.device))
 
 
+def _quadrature(rt, a, t0, w, wbar, st, sz, n_st: int, n_sz: int) -> dict:
+    """The quadrature nodes of :func:`_marginal_lower`: decision times along a leading axis, start points
+    along a second one (``(n_st or 1, n_sz or 1, ...)``), their log weights, and the pieces the exact Hessian
+    (:func:`_ddm7_hessian`) differentiates.
+
+    Returns a dict with ``wn``, ``wbn`` (start nodes and ``1 -`` them), ``add_w`` (log weights of the start
+    nodes), ``dt``, ``add_t`` (decision-time nodes and their log weights) and ``keep`` (bool, ``None`` without
+    an ``st`` axis: nodes inside the window); with ``sz``: ``below``, ``above``, ``half``, ``span_w``,
+    ``spread_z``, ``xz``; with ``st``: ``s_hi``, ``s_lo``, ``st_lo`` (``s_hi - st``), ``onset``, ``span``,
+    ``xs``, ``spread_t``.
+    """
+    nd = max(x.dim() for x in (rt, a, t0, w, wbar))
+
+    def node_axis(x, axis):  # quadrature nodes lead, so trial tensors broadcast along contiguous memory
+        shape = [1, 1] + [1] * nd
+        shape[axis] = -1
+        return x.reshape(shape)
+
+    q = {"add_w": 0.0, "add_t": 0.0, "keep": None}
+    if sz is None:
+        q["wn"], q["wbn"] = w[None, None], wbar[None, None]
+    else:
+        xz, logw_z = (node_axis(n, 1) for n in _nodes(n_sz, rt))
+        spread = sz > _SPREAD_MIN  # narrower spreads are points (their share of the density is below 1e-12)
+        sz_q = torch.where(spread, sz, torch.ones_like(sz))  # safe inputs for the quadrature
+        half = torch.where(spread, sz / 2.0, torch.zeros_like(sz))
+        below, above = torch.minimum(half, w), torch.minimum(half, wbar)  # cut at the boundaries
+        frac = torch.where(spread, (below + above) / sz_q, torch.ones_like(sz))
+        span = below + above
+        q.update(wn=(w - below) + span * (1.0 + xz) / 2.0,  # (1, n_sz, ...)
+                 wbn=(wbar - above) + span * (1.0 - xz) / 2.0,
+                 add_w=torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny)) + logw_z,
+                 below=below, above=above, half=half, span_w=span, spread_z=spread, xz=xz)
+    if st is None:
+        q["dt"] = (rt - t0)[None, None]
+    else:
+        xs, logw_s = (node_axis(n, 0) for n in _nodes(n_st, rt))
+        spread = st > _SPREAD_MIN
+        st_q = torch.where(spread, st, torch.ones_like(st))
+        s_hi = rt - t0 + st_q / 2.0
+        onset = (q["wn"][:, :1] * a) ** 2 / 60.0  # of the start node nearest to the boundary
+        s_lo = torch.maximum(s_hi - st_q, onset).clamp_min(_T_MIN)
+        window = s_lo < s_hi
+        span = torch.log1p(torch.where(window, s_hi - s_lo, s_lo) / s_lo)  # log(s_hi / s_lo) where not empty
+        lam = torch.log(s_lo) + span * (1.0 + xs) / 2.0  # (n_st, 1, ...): the times are shared by all start nodes
+        q.update(dt=torch.where(spread, torch.exp(lam), rt - t0),
+                 add_t=logw_s + torch.where(spread, torch.log(span / st_q) + lam, torch.zeros_like(lam)),
+                 keep=window | ~spread, s_hi=s_hi, s_lo=s_lo, st_lo=s_hi - st_q, onset=onset, span=span, xs=xs,
+                 spread_t=spread)
+    return q
+
+
 def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err: float) -> torch.Tensor:
     """Lower-boundary log density of response times ``rt`` with ``st`` and ``sz`` integrated out.
 
@@ -560,48 +624,12 @@ def _marginal_lower(rt, v, a, t0, w, wbar, sv, st, sz, n_st: int, n_sz: int, err
     resolves even when the window starts at 0; ``s_min = (w a)^2 / 60`` (``w``
     the start node nearest to the boundary) cuts the onset, where the density is
     below ``1e-10`` of its peak.  Decision-time nodes vary along a leading
-    axis and start-point nodes along a second one, so what depends on only one
-    of them is computed once per node, not per pair.
+    axis and start-point nodes along a second one (:func:`_quadrature`), so what
+    depends on only one of them is computed once per node, not per pair.
     Returns ``(...)`` log densities holding ``_NEG`` where the density is zero.
     """
-    nd = max(x.dim() for x in (rt, v, a, t0, w, wbar))
-
-    def node_axis(x, axis):  # quadrature nodes lead, so trial tensors broadcast along contiguous memory
-        shape = [1, 1] + [1] * nd
-        shape[axis] = -1
-        return x.reshape(shape)
-
-    add_w = add_t = 0.0
-    if sz is None:
-        wn, wbn = w[None, None], wbar[None, None]
-    else:
-        xz, logw_z = (node_axis(q, 1) for q in _nodes(n_sz, rt))
-        spread = sz > _SPREAD_MIN  # narrower spreads are points (their share of the density is below 1e-12)
-        sz_q = torch.where(spread, sz, torch.ones_like(sz))  # safe inputs for the quadrature
-        half = torch.where(spread, sz / 2.0, torch.zeros_like(sz))
-        below, above = torch.minimum(half, w), torch.minimum(half, wbar)  # cut at the boundaries
-        frac = torch.where(spread, (below + above) / sz_q, torch.ones_like(sz))
-        span = below + above
-        wn = (w - below) + span * (1.0 + xz) / 2.0  # (1, n_sz, ...)
-        wbn = (wbar - above) + span * (1.0 - xz) / 2.0
-        add_w = torch.log(frac.clamp_min(torch.finfo(rt.dtype).tiny)) + logw_z
-    keep = None
-    if st is None:
-        dt = (rt - t0)[None, None]
-    else:
-        xs, logw_s = (node_axis(q, 0) for q in _nodes(n_st, rt))
-        spread = st > _SPREAD_MIN
-        st_q = torch.where(spread, st, torch.ones_like(st))
-        s_hi = rt - t0 + st_q / 2.0
-        onset = (wn[:, :1] * a) ** 2 / 60.0  # of the start node nearest to the boundary
-        s_lo = torch.maximum(s_hi - st_q, onset).clamp_min(_T_MIN)
-        window = s_lo < s_hi
-        span = torch.log1p(torch.where(window, s_hi - s_lo, s_lo) / s_lo)  # log(s_hi / s_lo) where not empty
-        lam = torch.log(s_lo) + span * (1.0 + xs) / 2.0  # (n_st, 1, ...): the times are shared by all start nodes
-        dt = torch.where(spread, torch.exp(lam), rt - t0)
-        add_t = logw_s + torch.where(spread, torch.log(span / st_q) + lam, torch.zeros_like(lam))
-        keep = window | ~spread
-    log_p, valid = _wfpt_lower(dt, v, a, wn, wbn, sv, err, add_t, add_w, keep)
+    q = _quadrature(rt, a, t0, w, wbar, st, sz, n_st, n_sz)
+    log_p, valid = _wfpt_lower(q["dt"], v, a, q["wn"], q["wbn"], sv, err, q["add_t"], q["add_w"], q["keep"])
     out = torch.logsumexp(log_p, (0, 1))
     return torch.where(valid.flatten(0, 1).any(0), out, torch.full_like(out, _NEG))
 
@@ -773,6 +801,358 @@ def ddm_trial_logpdf(rt: torch.Tensor, choice: torch.Tensor, v, a, t0, z, sv=Non
 
 
 # ----------------------------------------------------------------------------------------------------
+# Exact Hessians by the chain rule
+# ----------------------------------------------------------------------------------------------------
+class _SubjectGrad(torch.autograd.Function):
+    """The gradient of :class:`_SubjectNLL`, computed in its forward pass; its backward brings the Hessian."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, grad, hessian):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.hessian = inputs[2]
+
+    @staticmethod
+    def backward(ctx, gg):
+        (x,) = ctx.saved_tensors
+        return (ctx.hessian(x) @ gg.unsqueeze(-1)).squeeze(-1), None, None
+
+
+class _SubjectNLL(torch.autograd.Function):
+    """Per-subject negative log-likelihood ``(S,)`` of ``x`` ``(S, P)`` whose derivatives the model supplies:
+    ``value_grad(x) -> (nll (S,), grad (S, P))`` and ``hessian(x) -> (S, P, P)`` (exact).  Autograd and
+    ``torch.func`` then take the gradient from ``value_grad`` and every Hessian-vector product from one
+    ``hessian`` call (third derivatives are not available)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, value_grad, hessian):
+        return value_grad(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, hessian = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, output[1])
+        ctx.hessian = hessian
+
+    @staticmethod
+    def backward(ctx, g, unused):
+        x, grad = ctx.saved_tensors
+        return g.unsqueeze(-1) * _SubjectGrad.apply(x, grad, ctx.hessian), None, None
+
+
+def _autograd_value_grad(nll: Callable) -> Callable:
+    """``value_grad`` of :class:`_SubjectNLL` by autograd through ``nll(x) -> (S,)``."""
+    def value_grad(x):
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            f = nll(z)
+            (g,) = torch.autograd.grad(f.sum(), z)
+        return f.detach(), g
+    return value_grad
+
+
+# Sparse first and second derivatives in the natural parameters nu = (v_coef, a, t0, z, sv, st, sz) of the
+# seven-parameter models: a vector is {index: tensor}, a symmetric matrix {(i, j), i <= j: tensor}.
+_V, _A, _T0, _Z, _SV, _ST, _SZ = range(7)
+
+
+def _lin(*terms) -> dict:
+    """``sum_k c_k g_k`` of sparse vectors or matrices given as ``(c_k, g_k)``."""
+    out = {}
+    for c, g in terms:
+        for k, val in g.items():
+            out[k] = out[k] + c * val if k in out else c * val
+    return out
+
+
+def _outer(g: dict, c=1.0) -> dict:
+    """``c g g^T`` of a sparse vector."""
+    return {(i, j): c * g[i] * g[j] for i in g for j in g if i <= j}
+
+
+def _where(cond, a: dict, b: dict) -> dict:
+    return {k: torch.where(cond, a.get(k, 0.0), b.get(k, 0.0)) for k in set(a) | set(b)}
+
+
+def _varies(vec: dict, axis: int) -> bool:
+    """Whether a sparse vector of node tangents varies along node axis ``axis`` (0 time nodes, 1 start nodes)."""
+    return any(torch.is_tensor(t) and t.dim() == 4 and t.shape[axis] > 1 for t in vec.values())
+
+
+def _node_sum(x: torch.Tensor, keep_t: bool, keep_z: bool) -> torch.Tensor:
+    """Sum over the decision-time (axis 0) and start (axis 1) node axes not kept."""
+    axes = tuple(i for i, keep in ((0, keep_t), (1, keep_z)) if not keep and x.shape[i] > 1)
+    return x.sum(axes, keepdim=True) if axes else x
+
+
+def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, terms) -> torch.Tensor:
+    """Exact ``(S, 7, 7)`` Hessian of the seven-parameter models' negative log-likelihood by the chain rule.
+
+    Per quadrature node the log density ``l`` depends on ``r = (dt, v, a, wn, sv)`` (decision time, drift,
+    boundary, start, drift SD) and on the nodes' log weights; ``dt`` and the weights on ``(t0, st)`` (and on
+    ``(a, z, sz)`` through the onset cut), the start nodes on ``(z, sz)``.  With ``Pi`` the posterior weight of
+    each node (its share of the trial's density times the Wiener component's share of the mixture) and ``g``
+    the node's gradient in the natural parameters, the log-likelihood's Hessian is
+    ``sum_nodes Pi (grad^2 l + g g^T) - sum_trials gbar gbar^T`` (``gbar = sum_nodes Pi g`` of the trial),
+    and the transforms' derivatives take it to the normalized parameters.  What depends on the time nodes or
+    on the start nodes only is summed over the other axis first.  Arguments as :func:`_ddm4_terms`.
+    """
+    dtype = x.dtype
+    col = lambda j: x[:, j:j + 1]  # noqa: E731
+    a, t0, z, zbar = a_xform(col(1)), t0_xform(col(2)), norm2alpha(col(3)), torch.sigmoid(-col(3))
+    sv, st, sz = sv_xform(col(4)), st_xform(col(5)), sz_xform(col(6))
+    v = col(0) * c_v
+    w, wbar = torch.where(upper, zbar, z), torch.where(upper, z, zbar)
+    cw = 1.0 - 2.0 * upper.to(dtype)  # dw/dz
+    q = _quadrature(rt, a, t0, w, wbar, st, sz, n_st, n_sz)
+    wn, wbn, dt = q["wn"], q["wbn"], q["dt"]
+    # start nodes: piecewise linear in (w, sz); their log weight log(span_w / sz)
+    sp_z = q["spread_z"]
+    xiz = (1.0 + q["xz"]) / 2.0
+    b_w = (w < q["half"]).to(dtype)  # below = w (else sz / 2)
+    o_w = (wbar < q["half"]).to(dtype)  # above = 1 - w (else sz / 2)
+    b_s, o_s = torch.where(sp_z, 0.5 * (1.0 - b_w), 0.0), torch.where(sp_z, 0.5 * (1.0 - o_w), 0.0)
+    S_w, S_s = b_w - o_w, b_s + o_s  # d span_w / dw, d span_w / dsz
+    T_wn = {_Z: cw * (1.0 - b_w + S_w * xiz), _SZ: -b_s + S_s * xiz}
+    span_w = torch.where(sp_z, q["span_w"], 1.0)
+    g_span_w = _where(sp_z, {_Z: cw * S_w / span_w, _SZ: S_s / span_w}, {})
+    g_addw = _lin((1.0, g_span_w), (-1.0, {_SZ: torch.where(sp_z, 1.0 / sz, 0.0)}))
+    # decision-time nodes dt = exp(lam), lam = (1 - xi) log s_lo + xi log s_hi, and their log weights
+    sp_t = q["spread_t"]
+    xis = (1.0 + q["xs"]) / 2.0
+    s_lo, onset = q["s_lo"], q["onset"]
+    window = s_lo < q["s_hi"]  # elsewhere the nodes hold no density: harmless values keep the products finite
+    s_hi = torch.where(window, q["s_hi"], 1.0)
+    case_a = window & (q["st_lo"] > onset) & (q["st_lo"] > _T_MIN)  # s_lo = s_hi - st
+    case_b = window & ~case_a & (onset > _T_MIN)  # s_lo = onset = (wn_0 a)^2 / 60
+    st_lo = torch.where(case_a, q["st_lo"], 1.0)
+    g_hi = {_T0: -1.0 / s_hi, _ST: 0.5 / s_hi}
+    wn0 = wn[:, :1]
+    t_wn0 = {k: t[:, :1] / wn0 for k, t in T_wn.items()}
+    g_a = {_T0: -1.0 / st_lo, _ST: -0.5 / st_lo}
+    g_b = _lin((2.0, t_wn0), (1.0, {_A: 2.0 / a}))
+    g_lo = _where(case_a, g_a, _where(case_b, g_b, {}))
+    g_lam = _lin((1.0 - xis, g_lo), (xis, g_hi))
+    span = q["span"]
+    g_span = _lin((1.0, g_hi), (-1.0, g_lo))
+    g_dt = _where(sp_t, {k: dt * t for k, t in g_lam.items()}, {_T0: -1.0})
+    g_addt = _where(sp_t, _lin((1.0 / span, g_span), (1.0, {_ST: -1.0 / st}), (1.0, g_lam)), {})
+    # the node's log density (as _wfpt_lower) and its derivatives in r = (dt, v, a, wn, sv)
+    ac = a.clamp_min(1e-6)
+    a2 = ac * ac
+    valid = (dt > _T_MIN) & q["keep"]
+    t = torch.where(valid, dt, a2)
+    u = t / a2
+    near = wn <= 0.5
+    lf = _log_f_parts(u, torch.where(near, wn, wbn).clamp_min(torch.finfo(dtype).tiny), near, terms, 2)
+    s2 = sv * sv
+    half_inv = 0.5 / (1.0 + s2 * t)
+    by_t = q["add_t"] - torch.log(a2) + 0.5 * torch.log(2.0 * half_inv) - v * v * t * half_inv
+    ell = lf[0] + torch.where(valid, by_t, _NEG) + (a2 * s2 * wn - 2.0 * ac * v) * wn * half_inv + q["add_w"]
+    M = torch.logsumexp(ell, (0, 1))
+    M = torch.where(valid.flatten(0, 1).any(0), M, _NEG)
+    Pi = torch.exp(ell - M) * (torch.sigmoid(M + shift) * m)  # (n_st, n_sz, S, T)
+    iD = 2.0 * half_inv  # 1 / (1 + sv^2 t)
+    N = a2 * s2 * wn * wn - 2.0 * ac * v * wn - v * v * t
+    sn = 2.0 * near.to(dtype) - 1.0
+    l_u, l_y = lf[1], lf[2]
+    du = {"dt": 1.0 / a2, "a": -2.0 * u / ac}
+    dN = {"dt": -v * v, "v": -2.0 * ac * wn - 2.0 * v * t, "a": 2.0 * ac * s2 * wn * wn - 2.0 * v * wn,
+          "wn": 2.0 * a2 * s2 * wn - 2.0 * ac * v, "sv": 2.0 * a2 * sv * wn * wn}
+    dD = {"dt": s2, "sv": 2.0 * sv * t}
+    R = ["dt", "v", "a", "wn", "sv"]
+    F1 = {r: 0.5 * iD * dN[r] for r in R}
+    F1["dt"] = F1["dt"] + l_u * du["dt"]
+    F1["a"] = F1["a"] + l_u * du["a"] - 2.0 / ac
+    F1["wn"] = F1["wn"] + sn * l_y
+    for r in dD:  # -0.5 log D and the D in Q = N / 2D
+        F1[r] = F1[r] - 0.5 * iD * dD[r] * (1.0 + N * iD)
+    T = {"dt": g_dt, "v": {_V: c_v}, "a": {_A: torch.ones_like(a)}, "wn": T_wn, "sv": {_SV: torch.ones_like(sv)}}
+    P_t, P_z = _node_sum(Pi, True, False), _node_sum(Pi, False, True)
+    # the transforms' first and second derivatives
+    s = {j: torch.sigmoid(-col(j)) for j in (1, 4, 5, 6)}
+    s[2] = torch.sigmoid(2.2 - col(2))
+    nat = {1: a, 2: t0, 4: sv, 5: st, 6: sz}
+    K1 = {j: nat[j] * s[j] for j in nat}
+    K1[1] = torch.where(a > 1e-6, K1[1], 0.0)
+    K1[3] = z * zbar
+    K = torch.cat([torch.ones_like(a)] + [K1[j] for j in range(1, 7)], 1)
+    g = _lin(*((F1[r], T[r]) for r in R), (1.0, g_addt), (1.0, g_addw))
+    G = torch.stack([g[i].expand(Pi.shape) for i in range(7)])
+    GP = G * Pi
+    Gt = GP.sum((1, 2))  # (7, S, T): m sig gbar of each trial
+    H = torch.einsum("iabst,jabst->sij", GP, G) - torch.einsum("ist,jst->sij", Gt, Gt)
+    # second derivatives of the nodes and their weights
+    h_addw = _lin((-1.0, _outer(g_span_w)), (1.0, {(_SZ, _SZ): torch.where(sp_z, 1.0 / (sz * sz), 0.0)}))
+    h_hi = _outer(g_hi, -1.0)
+    h_lo = _where(case_a, _outer(g_a, -1.0),
+                  _where(case_b, _lin((-2.0, _outer(t_wn0)), (1.0, {(_A, _A): -2.0 / (a * a)})), {}))
+    h_lam = _lin((1.0 - xis, h_lo), (xis, h_hi))
+    h_dt = _where(sp_t, _lin((dt, _outer(g_lam)), (dt, h_lam)), {})
+    h_addt = _where(sp_t, _lin((1.0 / span, _lin((1.0, h_hi), (-1.0, h_lo))), (-1.0 / (span * span), _outer(g_span)),
+                               (1.0, {(_ST, _ST): 1.0 / (st * st)}), (1.0, h_lam)), {})
+    l_uu, l_uy, l_yy = lf[3:]
+    ddu = {("dt", "a"): -2.0 / (a2 * ac), ("a", "a"): 6.0 * u / a2}
+    ddN = {("dt", "v"): -2.0 * v, ("v", "v"): -2.0 * t, ("v", "a"): -2.0 * wn, ("v", "wn"): -2.0 * ac,
+           ("a", "a"): 2.0 * s2 * wn * wn, ("a", "wn"): 4.0 * ac * s2 * wn - 2.0 * v,
+           ("a", "sv"): 4.0 * ac * sv * wn * wn, ("wn", "wn"): 2.0 * a2 * s2, ("wn", "sv"): 4.0 * a2 * sv * wn,
+           ("sv", "sv"): 2.0 * a2 * wn * wn}
+    ddD = {("dt", "sv"): 2.0 * sv, ("sv", "sv"): 2.0 * t}
+    Hs = {}
+
+    def add(i, j, val):
+        k = (min(i, j), max(i, j))
+        Hs[k] = Hs[k] + val if k in Hs else val
+
+    for i, r in enumerate(R):
+        for r2 in R[i:]:
+            k = (r, r2)
+            f2 = 0.5 * iD * ddN[k] if k in ddN else 0.0
+            if r in du and r2 in du:
+                f2 = f2 + l_uu * du[r] * du[r2] + (l_u * ddu[k] if k in ddu else 0.0)
+            if r2 == "wn" and r in du:
+                f2 = f2 + sn * l_uy * du[r]
+            if k == ("wn", "wn"):
+                f2 = f2 + l_yy
+            if k == ("a", "a"):
+                f2 = f2 + 2.0 / a2
+            if k in ddD:
+                f2 = f2 - (0.5 + 0.5 * N * iD) * iD * ddD[k]
+            if r in dD and r2 in dD:
+                f2 = f2 + (0.5 + N * iD) * iD * iD * dD[r] * dD[r2]
+            if r2 in dD:
+                f2 = f2 - 0.5 * iD * iD * dN[r] * dD[r2]
+            if r in dD:
+                f2 = f2 - 0.5 * iD * iD * dN[r2] * dD[r]
+            if isinstance(f2, float):
+                continue
+            # sum_nodes Pi f2 (T_r T_r2^T + T_r2 T_r^T): the time-node tangents of dt meet the start-node ones of wn
+            Tr, Tr2 = T[r], T[r2]
+            if _varies(Tr, 0) and _varies(Tr2, 1) and not _varies(Tr, 1):
+                P = Pi * f2
+                Tr2 = {j: _node_sum(P * tj, True, False) for j, tj in Tr2.items()}
+                pairs = [(i1, j1, ti * Tr2[j1]) for i1, ti in Tr.items() for j1 in Tr2]
+            else:
+                P = _node_sum(Pi * f2, _varies(Tr, 0) or _varies(Tr2, 0), _varies(Tr, 1) or _varies(Tr2, 1))
+                pairs = [(i1, j1, P * ti * tj) for i1, ti in Tr.items() for j1, tj in Tr2.items()
+                         if r != r2 or i1 <= j1]
+            for i1, j1, val in pairs:
+                val = val.sum((0, 1, 3))
+                add(i1, j1, 2.0 * val if (r != r2 and i1 == j1) else val)
+    P_dt = _node_sum(Pi * F1["dt"], True, False)
+    for h, P in ((h_addt, P_t), (h_dt, P_dt), (h_addw, P_z)):
+        for (i, j), val in h.items():
+            add(i, j, (P * val).sum((0, 1, 3)))
+    zero = torch.zeros(H.shape[0], dtype=dtype, device=x.device)
+    H = H + torch.stack([torch.stack([Hs.get((min(i, j), max(i, j)), zero) for j in range(7)], -1)
+                         for i in range(7)], -2)
+    K2 = {j: K1[j] * (2.0 * s[j] - 1.0) for j in nat}
+    K2[3] = K1[3] * (zbar - z)
+    K2 = torch.cat([torch.zeros_like(a)] + [K2[j] for j in range(1, 7)], 1)
+    return -(K.unsqueeze(-1) * K.unsqueeze(-2) * H + torch.diag_embed(K2 * Gt.sum(-1).T))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Four-parameter models: value, gradient and exact Hessian per subject by the chain rule
+# ----------------------------------------------------------------------------------------------------
+# In ddm4 and ddm4_lotto every normalized parameter reaches a trial through one per-trial quantity of its own:
+# the mirrored drift v = v_coef c_v (c_v = +-dv), the boundary a, the decision time t = rt - t0 and the
+# mirrored start w (z or 1 - z).  With l the trial's Wiener log density, l_i its derivatives in q = (v, a, t, w),
+# pi the share of the Wiener component in the trial's mixture with the contaminant, h_i = c_i l_i (c = (c_v, 1,
+# -1, +-1) the trial's signs and design) and K_i, K''_i the derivatives of the transforms, a subject's gradient
+# and Hessian of the negative log-likelihood are
+#     G_i = -K_i sum_t pi h_i,
+#     H_ij = -K_i K_j sum_t [pi c_i c_j l_ij + pi (1 - pi) h_i h_j] - delta_ij K''_i sum_t pi h_i,
+# a few dozen tensor operations per call instead of autograd through every operation, and the exact Hessian
+# without torch.func's P Hessian-vector products.  The autograd path (_ddm_nll) is the reference (tests).
+_PAIRS = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3)]
+_PAIR_INDEX = [[_PAIRS.index((min(i, j), max(i, j))) for j in range(4)] for i in range(4)]
+
+
+def _ddm4_terms(x, rt, c_v, upper, m, log_c, shift, terms, order: int):
+    """Negative log-likelihood ``(S,)`` of the four-parameter models; with ``order=1`` also its gradient
+    ``(S, 4)``; with ``order=2`` only its Hessian ``(S, 4, 4)``.
+
+    ``x`` ``(S, 4)`` normalized parameters; per trial ``(S, T)``: ``rt``, ``c_v`` (the design's drift
+    difference, negated on upper-boundary trials), ``upper`` (bool), ``m`` (mask as 0/1); per subject
+    ``(S, 1)``: ``log_c`` (log of the contaminant's density) and ``shift`` (``log(1 - p_outlier) - log_c``).
+    """
+    v = x[:, :1] * c_v
+    a, t0 = a_xform(x[:, 1:2]), t0_xform(x[:, 2:3])
+    z, zbar = norm2alpha(x[:, 3:4]), torch.sigmoid(-x[:, 3:4])
+    w, wbar = torch.where(upper, zbar, z), torch.where(upper, z, zbar)
+    ac = a.clamp_min(1e-6)
+    a2 = ac * ac
+    t = rt - t0
+    valid = t > _T_MIN
+    t = torch.where(valid, t, a2)  # a harmless time where the density is zero
+    u = t / a2
+    near = w <= 0.5
+    lf = _log_f_parts(u, torch.where(near, w, wbar).clamp_min(torch.finfo(x.dtype).tiny), near, terms, order)
+    ell = lf[0] + torch.where(valid, -torch.log(a2) - 0.5 * v * v * t, _NEG) + (0.0 - v * ac * w)
+    mix = ell + shift
+    if order == 0:
+        return -((log_c + F.softplus(mix, threshold=40.0)) * m).sum(1)
+    pi = torch.sigmoid(mix) * m
+    sn = 2.0 * near.to(x.dtype) - 1.0  # dy/dw, y = min(w, 1 - w)
+    cw = 1.0 - 2.0 * upper.to(x.dtype)  # dw/dz
+    l_u, l_y = lf[1], lf[2]
+    u_a = -2.0 * u / ac  # du/da
+    h = torch.stack([c_v * (0.0 - v * t - ac * w), l_u * u_a - 2.0 / ac - v * w, 0.5 * v * v - l_u / a2,
+                     cw * (sn * l_y - v * ac)], -1)  # (S, T, 4)
+    B = (pi.unsqueeze(-1) * h).sum(1)  # (S, 4)
+    s_a, s_t = torch.sigmoid(-x[:, 1:2]), torch.sigmoid(2.2 - x[:, 2:3])
+    K = torch.cat([torch.ones_like(a), torch.where(a > 1e-6, a * s_a, 0.0), t0 * s_t, z * zbar], 1)  # (S, 4)
+    if order == 1:
+        nll = -((log_c + F.softplus(mix, threshold=40.0)) * m).sum(1)
+        return nll, -K * B
+    l_uu, l_uy, l_yy = lf[3], lf[4], lf[5]
+    ia2 = 1.0 / a2
+    second = torch.stack([  # c_i c_j l_ij in the order of _PAIRS
+        -c_v * c_v * t, -c_v * w, c_v * v, -c_v * cw * ac,
+        l_uu * u_a * u_a + 6.0 * l_u * u * ia2 + 2.0 * ia2, 2.0 * ia2 / ac * (l_uu * u + l_u),
+        cw * (sn * l_uy * u_a - v),
+        l_uu * ia2 * ia2, -cw * sn * l_uy * ia2, l_yy], -1)
+    A = (pi.unsqueeze(-1) * second).sum(1)[:, _PAIR_INDEX]  # (S, 4, 4)
+    rho = pi * torch.sigmoid(-mix)  # pi (1 - pi) on real trials
+    Hq = A + (h * rho.unsqueeze(-1)).transpose(1, 2) @ h
+    K2 = torch.cat([torch.zeros_like(a), K[:, 1:2] * (s_a - torch.sigmoid(x[:, 1:2])),
+                    K[:, 2:3] * (s_t - torch.sigmoid(x[:, 2:3] - 2.2)), K[:, 3:4] * (zbar - z)], 1)
+    return -(K.unsqueeze(-1) * K.unsqueeze(-2) * Hq + torch.diag_embed(K2 * B))
+
+
+def _prepare(rt, choice, dv, mask, p_outlier: float, dtype) -> tuple:
+    """Per-trial ``(S, T)`` ``rt``, ``c_v`` (drift difference, negated on upper-boundary trials), ``upper``,
+    mask as 0/1, and per-subject ``(S, 1)`` ``log_c`` and ``shift`` of :func:`_ddm4_terms` and
+    :func:`_ddm7_hessian`."""
+    S = rt.shape[0]
+    rt_f = fill_padding(rt, mask, 1.0, dtype).reshape(S, -1)
+    upper = (fill_padding(choice, mask, 0, dtype) > 0.5).reshape(S, -1)
+    dv = fill_padding(dv, mask, 0.0, dtype).reshape(S, -1)
+    mask = mask.reshape(S, -1)
+    rt_max = torch.where(mask, rt_f, torch.zeros_like(rt_f)).amax(1, keepdim=True)
+    log_c = math.log(p_outlier / 2.0) - torch.log(rt_max)
+    return rt_f, torch.where(upper, -dv, dv), upper, mask.to(dtype), log_c, math.log1p(-p_outlier) - log_c
+
+
+def _ddm4_nll(params, rt, choice, dv, mask, p_outlier: float, err: float) -> torch.Tensor:
+    """``(S,)`` negative log-likelihood of ``ddm4``/``ddm4_lotto`` by :func:`_ddm4_terms` (``0 < p_outlier < 1``)."""
+    data, terms = _prepare(rt, choice, dv, mask, p_outlier, params.dtype), series_terms(err)
+    if torch.is_grad_enabled() and params.requires_grad:
+        return _SubjectNLL.apply(params, lambda x: _ddm4_terms(x, *data, terms, order=1),
+                                 lambda x: _ddm4_terms(x, *data, terms, order=2))[0]
+    return _ddm4_terms(params, *data, terms, order=0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The models
 # ----------------------------------------------------------------------------------------------------
 _CORE = ["v_coef", "a", "t0", "z"]
@@ -864,9 +1244,21 @@ def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, varia
             mask: torch.Tensor | None = None, output: str = "nll", *, p_outlier: float = P_OUTLIER,
             n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12):
         mask = default_mask(mask, rt)
-        nat, zbar = _natural(params, variability)
-        extra = {inputs[0]: first, inputs[1]: second}
-        return _ddm_nll(nat, zbar, rt, choice, first - second, mask, output, p_outlier, n_st, n_sz, err, extra)
+        dv = first - second
+
+        def by_autograd(x, output="nll"):
+            nat, zbar = _natural(x, variability)
+            return _ddm_nll(nat, zbar, rt, choice, dv, mask, output, p_outlier, n_st, n_sz, err,
+                            {inputs[0]: first, inputs[1]: second})
+
+        if output == "nll" and 0.0 < p_outlier < 1.0:  # derivatives by the chain rule (tested against autograd)
+            if not variability:
+                return _ddm4_nll(params, rt, choice, dv, mask, p_outlier, err)
+            if torch.is_grad_enabled() and params.requires_grad:
+                data = _prepare(rt, choice, dv, mask, p_outlier, params.dtype)
+                return _SubjectNLL.apply(params, _autograd_value_grad(by_autograd),
+                                         lambda x: _ddm7_hessian(x, *data, n_st, n_sz, series_terms(err)))[0]
+        return by_autograd(params, output)
 
     fit.__name__ = fit.__qualname__ = f"{name}_fit"
     task = ("high vs low value: two certain amounts, the higher one is the correct (upper) response"
