@@ -4,7 +4,8 @@ For ``f: (S, P) -> (S,)`` with independent rows, the Hessian of ``f(x).sum()``
 is block diagonal; its ``P`` Hessian-vector products with the basis vectors
 ``e_j`` (the same ``j`` for every subject) give every subject's ``(P, P)``
 Hessian at once.  The products are reverse-over-reverse: one gradient with
-its graph kept, then one backward pass per parameter through it.
+its graph kept, then one backward pass through it, vectorized over the
+``P`` directions (``is_grads_batched``).
 
 Plain autograd is used rather than ``torch.func.vjp`` of ``torch.func.grad``
 (same numbers): every ``torch.func`` gradient transform imports
@@ -36,17 +37,19 @@ def batched_hessian(fun: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     Tensor
         ``(S, P, P)`` symmetric Hessians.
     """
-    P = x.shape[1]
+    S, P = x.shape
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(fun(xg).sum(), xg, create_graph=True)
-        cols = []
-        for j in range(P):  # column j of every subject's Hessian: d/dx of sum_i g_ij
-            col = None
-            if g.requires_grad:
-                (col,) = torch.autograd.grad(g[:, j].sum(), xg, retain_graph=j < P - 1, allow_unused=True)
-            cols.append(torch.zeros_like(x) if col is None else col.detach())
-    H = torch.stack(cols, -1)
+        if not g.requires_grad:  # a gradient that does not depend on x: the Hessian is 0
+            return torch.zeros(S, P, P, dtype=x.dtype, device=x.device)
+        basis = torch.eye(P, dtype=x.dtype, device=x.device).unsqueeze(1).expand(P, S, P)
+        # one backward pass vectorized over the P directions: a model that supplies its Hessian through an
+        # autograd Function (the DDMs) computes it once, not once per direction
+        (cols,) = torch.autograd.grad(g, xg, basis, is_grads_batched=True, allow_unused=True)
+    if cols is None:
+        return torch.zeros(S, P, P, dtype=x.dtype, device=x.device)
+    H = cols.detach().permute(1, 2, 0)  # cols[j] = H e_j, column j of every subject's Hessian
     return 0.5 * (H + H.transpose(-1, -2))
 
 
