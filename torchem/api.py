@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import crossval, evidence, plotting, ppc
+from . import crossval, distributed, evidence, plotting, ppc
 from .data import SubjectBatch
 from .em import EMRun, FitResult, IterationState
 from .estep import importance_draws, neg_log_posterior
@@ -33,7 +33,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         A CUDA device on a machine without CUDA (or without that device index).
     """
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -46,7 +46,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                              f"numbered from 0")
-    return dev
+    return distributed.local_device(dev)  # under torchrun: cuda:LOCAL_RANK
 
 
 #: Floating dtypes a fit can run in (Cholesky and the float64 reference values need at least float32).
@@ -535,7 +535,10 @@ class EMModel:
         def sample(n: int) -> torch.Tensor:  # row r is subject r % S (a group with covariates has its own means)
             return grp.sample(n, gen, subjects.repeat(n // S))
 
-        return evidence.integrated_log_likelihood(nll_fn, sample, S, nsamples, chunk)
+        ctx = distributed.context(self.device)  # under a process group each rank evaluates its shard
+        shard = None if ctx is None else ctx.shard(S)
+        ilog = evidence.integrated_log_likelihood(nll_fn, sample, S, nsamples, chunk, shard)
+        return ilog if ctx is None else ctx.gather([ilog], S)[0]
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
                                max_elements: int | None = None, func_output: str = "all",

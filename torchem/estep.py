@@ -90,17 +90,18 @@ class PosteriorMoments:
 
 
 def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
-                      subjects: torch.Tensor | None = None) -> Callable:
+                      subjects: torch.Tensor | None = None, first: int = 0) -> Callable:
     """``fun(x, idx)``: negative log posterior of problems ``idx`` at ``x`` ``(n, P)``.
 
-    Problem ``k`` is subject ``subjects[k]`` (all subjects in order when ``subjects`` is ``None``).
+    Problem ``k`` is subject ``subjects[k]`` (all subjects in order when ``subjects`` is ``None``);
+    row ``r`` of ``batch`` holds subject ``first + r`` (a rank's shard starts at ``first``).
     """
     data, mask, S = batch.data, batch.mask, batch.n_subjects
     if subjects is None:
-        subjects = torch.arange(S, device=mask.device)
-    n = subjects.numel()
-    if not (n == S and bool((subjects == torch.arange(S, device=mask.device)).all())):
-        data, mask = tuple(d[subjects] for d in data), mask[subjects]  # a chunk's data, gathered once
+        subjects = torch.arange(first, first + S, device=mask.device)
+    n, rows = subjects.numel(), subjects - first if first else subjects
+    if not (n == S and bool((rows == torch.arange(S, device=mask.device)).all())):
+        data, mask = tuple(d[rows] for d in data), mask[rows]  # a chunk's data, gathered once
 
     def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         subj = subjects[idx]
@@ -166,6 +167,8 @@ class LaplaceEStep:
     generator : torch.Generator
         CPU generator of the base seed of the restarts' draws (see :func:`restart_draws`; ``step``, the
         E-step number, is set by the caller).
+    first : int
+        Subject number of the batch's first row (a rank's shard; ``x0`` and the indices are of all subjects).
 
     The likelihood's value, gradient and Hessian at a subject's last MAP do
     not depend on the prior, so the next call starts that subject with an
@@ -174,8 +177,8 @@ class LaplaceEStep:
 
     def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
                  max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
-                 laplace_cap: float = 4.0) -> None:
-        self.model, self.batch = model, batch
+                 laplace_cap: float = 4.0, first: int = 0) -> None:
+        self.model, self.batch, self.first = model, batch, first
         self.restart_seed, self.step = int(torch.randint(0, 2**62, (1,), generator=generator)), 0
         self.x = x0.clone()
         S, P = x0.shape
@@ -197,7 +200,7 @@ class LaplaceEStep:
 
     def run(self, idx: torch.Tensor, prior: Prior) -> PosteriorMoments:
         """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``."""
-        fun = neg_log_posterior(self.model, self.batch, prior, idx)
+        fun = neg_log_posterior(self.model, self.batch, prior, idx, self.first)
         def draw(problems: torch.Tensor, round: int) -> torch.Tensor:
             return restart_draws(prior, idx[problems], self.restart_seed, self.step, round)
 
@@ -208,7 +211,7 @@ class LaplaceEStep:
             first = int(idx[(~usable).nonzero()[0]])
             raise RuntimeError(
                 f"{int((~usable).sum())} subject(s) have a non-finite objective at every start "
-                f"(first: {self.batch.subject_ids[first]!r}); check the model and data")
+                f"(first: {self.batch.subject_ids[first - self.first]!r}); check the model and data")
         n, c = idx.numel(), self.hessian_chunk
         local = torch.arange(n, device=idx.device)
         H = torch.cat([batched_hessian(lambda z, lo=lo: fun(z, local[lo:lo + c]), x[lo:lo + c])
@@ -250,7 +253,7 @@ class ImportanceEStep:
     def run(self, idx: torch.Tensor, prior: Prior, nsamples: int | None = None) -> PosteriorMoments:
         """Importance moments of the subjects ``idx`` under ``prior`` (``nsamples`` overrides the default)."""
         post = self.laplace.run(idx, prior)
-        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx)
+        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx, self.laplace.first)
         n = self.nsamples if nsamples is None else nsamples
         # a chunk's draws are seeded by its first subject, so that chunks do not share draws
         seed = self.seed + (n != self.nsamples) + 7919 * int(idx[0])
