@@ -1,6 +1,7 @@
 """``EMModel``: pyEM's user-facing vocabulary over torchem's batched engine."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable, Sequence
@@ -617,14 +618,23 @@ class EMModel:
             ``rmse_rounds`` ``(nrounds, P)``, ``correlation_sd``,
             ``param_names``, ``fit_result``, ``recovery_model`` (the fitted
             :class:`EMModel`) and ``sim`` (of the last round).
+
+        Under a process group (``torchrun``) with ``nrounds > 1`` the rounds
+        are spread over the ranks, each fitted in one process, and every rank
+        returns all rounds' numbers; ``fit_result``, ``recovery_model`` and
+        ``sim`` of the last round are rank 0's (``None`` on other ranks).
         """
         true_params = np.asarray(true_params, dtype=float)
         keys = list(pr_inputs or self.model.inputs or [])
         if not keys:
             raise ValueError("pr_inputs must name the simulator outputs the fit function takes")
         simulate = self.simulate if simulate_func is None else simulate_func
-        estimates, corrs, rmses = [], [], []
-        for rnd in range(nrounds):
+        # under a process group the rounds are spread over the ranks (the last one on rank 0), each fitted in one
+        # process; one round is a single fit, sharded over the ranks like any fit
+        ctx = distributed.context(self.device) if nrounds > 1 else None
+        mine = [r for r in range(nrounds) if ctx is None or (nrounds - 1 - r) % ctx.world_size == ctx.rank]
+        rounds, result, twin, sim = [], None, None, None
+        for rnd in mine:
             kwargs = dict(sim_kwargs)
             if kwargs.get("seed") is not None:
                 kwargs["seed"] = int(kwargs["seed"]) + rnd
@@ -634,13 +644,15 @@ class EMModel:
                 raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
             all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
             twin = self.with_data(all_data, input_names=keys)
-            result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
+            with distributed.local() if ctx is not None else contextlib.nullcontext():
+                result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
             rec = parameter_recovery(true_params, result.natural_params().detach().cpu().numpy())
-            estimates.append(rec.est_params)
-            corrs.append(rec.corr)
-            rmses.append(rec.rmse)
-        corrs, rmses = np.asarray(corrs), np.asarray(rmses)
-        if self.batch is None:
+            rounds.append((rnd, rec.est_params, rec.corr, rec.rmse))
+        if ctx is not None:
+            rounds = sorted(r for part in ctx.all_gather_object(rounds) for r in part)
+        estimates = [r[1] for r in rounds]
+        corrs, rmses = np.asarray([r[2] for r in rounds]), np.asarray([r[3] for r in rounds])
+        if self.batch is None and twin is not None and (ctx is None or ctx.rank == 0):
             self._adopt(twin)
         return {"true_params": np.tile(true_params, (nrounds, 1)), "estimated_params": np.concatenate(estimates),
                 "correlation": corrs.mean(0), "rmse": rmses.mean(0), "correlation_rounds": corrs,

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "context", "local", "shard", "launch", "free_port", "is_writer", "TORCHRUN_VARS"]
+__all__ = ["Context", "context", "local", "shard", "launch", "free_port", "is_writer", "in_group", "local_device", "TORCHRUN_VARS"]
 
 #: Environment variables ``torchrun`` sets for every process.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
@@ -191,9 +191,19 @@ def context(device: torch.device | str = "cpu") -> Context | None:
     return Context(dist.get_rank(), world, device)
 
 
+def in_group() -> bool:
+    """Whether this process belongs to a process group of several processes (initialized or from ``torchrun``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return all(v in os.environ for v in TORCHRUN_VARS) and _env_world() > 1
+
+
 def is_writer() -> bool:
-    """Whether this process writes outputs: rank 0 of a process group, or a process without one."""
-    if _LOCAL[0] == 0 and dist.is_available() and dist.is_initialized():
+    """Whether this process writes outputs: rank 0 of a process group, a process without one, or inside
+    :func:`local` (a fit of this process alone)."""
+    if _LOCAL[0]:
+        return True
+    if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0 or _env_world() < 2
 

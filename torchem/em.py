@@ -501,9 +501,18 @@ class EMRun:
         if self.callback is not None:
             state = IterationState(row["iteration"], self.opts.mstep_maxit, row["NPL"], group.mean.cpu().numpy(),
                                    group.var.cpu().numpy(), row["estep_failed"], row["hessian_bad"], self.converged)
-            stop = self.callback(state) is False if self.writer else None
+            stop, error = None, None
+            if self.writer:
+                try:
+                    stop = self.callback(state) is False
+                except BaseException as err:  # re-raised below, after telling the other ranks
+                    stop, error = "raised", err
             if self.dist is not None:  # rank 0's callback decides for every rank
                 stop = self.dist.broadcast_object(stop)
+            if error is not None:
+                raise error
+            if stop == "raised":
+                raise RuntimeError("the callback raised on rank 0 of the process group")
             if stop and not self.converged:
                 self.stopped = True
                 self.stop_reason = f"stopped by the callback after E-step {row['iteration']}"
