@@ -54,16 +54,23 @@ def _recover() -> dict:
     return {k: out[k] for k in ("estimated_params", "correlation_rounds", "rmse_rounds")}
 
 
-def _worker_fit_and_studies() -> dict:
-    """Runs on every rank: a sharded fit (with evidence), a covariate fit, and identify and recover over ranks."""
+def _importance() -> dict:
+    model = _model(24, seed=6)
+    res = model.fit(verbose=0, estep="importance", nsamples=150, mstep_maxit=30)
+    return {"m": res.m.numpy(), "var": res.posterior_var.numpy(), "n_iter": res.n_iter,
+            "lme": model.compute_lme("importance", nsamples=200)[0]}
+
+
+def _worker_fit_and_studies(path: str) -> dict:
+    """Runs on every rank: sharded fits (with evidence and checkpoints), identify and recover over ranks."""
     ctx = distributed.context("cpu")
     assert ctx is not None and ctx.world_size == 2
     model = _model()
     cov = pd.DataFrame({"g": np.arange(40) % 2}, index=model.batch.subject_ids)
-    out = {"plain": _fit_numbers(model), "covariates": _fit_numbers(_model(), group="student_t", covariates=cov),
-           "identify": _identify(), "recover": _recover(), "rank": ctx.rank,
-           "shard": ctx.shard(40)}
-    return out
+    return {"plain": _fit_numbers(model, checkpoint=path, checkpoint_every=4),
+            "covariates": _fit_numbers(_model(), group="student_t", covariates=cov),
+            "importance": _importance(), "identify": _identify(), "recover": _recover(), "rank": ctx.rank,
+            "shard": ctx.shard(40)}
 
 
 def _assert_same(one: dict, many: dict) -> None:
@@ -75,13 +82,25 @@ def _assert_same(one: dict, many: dict) -> None:
     assert abs(one["ibic"] - many["ibic"]) < TOL
 
 
-def test_two_gloo_ranks_equal_one_process():
-    many = distributed.launch(_worker_fit_and_studies, 2)
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    path = str(tmp_path / "run.pt")
+    many = distributed.launch(_worker_fit_and_studies, 2, (path,))
     assert many["rank"] == 0 and many["shard"] == (0, 20)  # rank 0 returned its view: the gathered result
     model = _model()
     cov = pd.DataFrame({"g": np.arange(40) % 2}, index=model.batch.subject_ids)
-    _assert_same(_fit_numbers(model), many["plain"])
+    one = _fit_numbers(model)
+    _assert_same(one, many["plain"])
+    # the checkpoint rank 0 wrote holds every subject: one process resumes it and ends where the fit ended
+    assert torch.load(path, weights_only=True)["estep"]["has_lik"].all()
+    resumed = _model().fit(**FIT, resume=path)
+    assert resumed.n_iter == one["n_iter"]
+    np.testing.assert_allclose(resumed.m.numpy(), one["m"], rtol=0, atol=TOL)
     _assert_same(_fit_numbers(_model(), group="student_t", covariates=cov), many["covariates"])
+    # importance E-steps and importance LME: each subject's draws are its own, so ranks do not change them
+    imp = _importance()
+    assert imp["n_iter"] == many["importance"]["n_iter"]
+    for key in ("m", "var", "lme"):
+        np.testing.assert_allclose(many["importance"][key], imp[key], rtol=0, atol=TOL, err_msg=key)
     # identify: every (round, simulated, estimated) score as in one process, in the same order
     pd.testing.assert_frame_equal(many["identify"], _identify(), check_exact=False, rtol=0, atol=1e-8)
     rec = _recover()
@@ -107,27 +126,6 @@ def test_no_process_group_means_one_process(monkeypatch):
     assert not distributed.is_writer()
     with distributed.local():
         assert distributed.context("cpu") is None and distributed.is_writer()
-
-
-def _die(state) -> None:
-    if state.iteration == 10:
-        raise KeyboardInterrupt("killed")
-
-
-def _worker_checkpoint(path: str) -> None:
-    """Two ranks fit with checkpoints every 4 E-steps (rank 0 writes them) and die in E-step 10."""
-    _model().fit(verbose=0, mstep_maxit=30, checkpoint=path, checkpoint_every=4, callback=_die)
-
-
-def test_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
-    path = str(tmp_path / "run.pt")
-    with pytest.raises(Exception, match="KeyboardInterrupt|callback raised"):
-        distributed.launch(_worker_checkpoint, 2, (path,))
-    resumed = _model().fit(verbose=0, mstep_maxit=30, resume=path, checkpoint=path, checkpoint_every=4)
-    straight = _model().fit(verbose=0, mstep_maxit=30)
-    assert resumed.n_iter == straight.n_iter
-    np.testing.assert_allclose(resumed.m.numpy(), straight.m.numpy(), rtol=0, atol=TOL)
-    np.testing.assert_allclose(resumed.posterior_var.numpy(), straight.posterior_var.numpy(), rtol=0, atol=TOL)
 
 
 def test_cli_fit_nproc_2_writes_the_one_process_outputs(tmp_path, capsys):

@@ -501,10 +501,17 @@ class EMModel:
             se = torch.zeros_like(lap)
             good = res.hessian_ok
         elif method == "importance":
-            fun = neg_log_posterior(self.model, self.batch, self._prior_of(res))
-            isr = importance_draws(fun, res.m, res.inv_h, nsamples, 0 if seed is None else int(seed), 5.0, 0.0,
-                                   pairs_per_call(self.batch.mask[0].numel(), self.device))
-            lap, se, good = isr.log_evidence, isr.log_evidence_se, res.hessian_ok & (isr.ess >= min_ess)
+            S = res.n_subjects
+            ctx = distributed.context(self.device)  # under a process group each rank draws for its shard
+            lo, hi = (0, S) if ctx is None else ctx.shard(S)
+            idx = torch.arange(lo, hi, device=self.device)
+            fun = neg_log_posterior(self.model, self.batch, self._prior_of(res), idx)
+            isr = importance_draws(fun, res.m[lo:hi], res.inv_h[lo:hi], nsamples, 0 if seed is None else int(seed),
+                                   5.0, 0.0, pairs_per_call(self.batch.mask[0].numel(), self.device), idx)
+            lap, se, ess = isr.log_evidence, isr.log_evidence_se, isr.ess
+            if ctx is not None:
+                lap, se, ess = ctx.gather([lap, se, ess], S)
+            good = res.hessian_ok & (ess >= min_ess)
         else:
             raise ValueError(f"method must be 'laplace' or 'importance', got {method!r}")
         out = (_numpy(lap), evidence.total_lme(lap, res.n_params), _numpy(good))

@@ -25,7 +25,7 @@ import torch
 
 from .curvature import batched_hessian, cap_posterior_width, invert_pd
 from .data import SubjectBatch
-from .importance import ImportanceResult, importance_sample, pairs_per_call
+from .importance import ImportanceResult, block_draws, importance_sample, pairs_per_call
 from .model import Model
 from .optim import minimize
 from .priors import Prior
@@ -255,23 +255,28 @@ class ImportanceEStep:
         post = self.laplace.run(idx, prior)
         fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx, self.laplace.first)
         n = self.nsamples if nsamples is None else nsamples
-        # a chunk's draws are seeded by its first subject, so that chunks do not share draws
-        seed = self.seed + (n != self.nsamples) + 7919 * int(idx[0])
-        isr = importance_draws(fun, post.x, post.inv_h, n, seed, self.proposal_df, self.min_ess, self.chunk)
+        # a subject's draws depend on the seed and the subject only (not on its chunk or rank)
+        seed = self.seed + (n != self.nsamples)
+        isr = importance_draws(fun, post.x, post.inv_h, n, seed, self.proposal_df, self.min_ess, self.chunk, idx)
         post.m, post.V, post.log_evidence, post.importance = isr.mean, isr.cov, isr.log_evidence, isr
         return post
 
 
 def importance_draws(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsamples: int, seed: int,
-                     df: float, min_ess: float, chunk: int) -> ImportanceResult:
-    """Importance moments of every problem's posterior ``exp(-fun)``; low-ESS problems are redrawn with 4x the samples."""
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df, chunk=chunk)
+                     df: float, min_ess: float, chunk: int, subjects: torch.Tensor | None = None) -> ImportanceResult:
+    """Importance moments of every problem's posterior ``exp(-fun)``; low-ESS problems are redrawn with 4x the samples.
+
+    Problem ``k`` is subject ``subjects[k]`` (default ``k``); its draws depend only on ``seed`` and the subject
+    (:func:`~torchem.importance.block_draws`; the redraws from a second stream).
+    """
+    if subjects is None:
+        subjects = torch.arange(x.shape[0])
+    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, block_draws(seed, subjects),
+                            df=df, chunk=chunk)
     low = (res.ess < min_ess).nonzero().squeeze(1)
     if low.numel():
-        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen,
-                                 df=df, chunk=chunk)
+        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples,
+                                 block_draws(seed, subjects[low.to(subjects.device)], stream=1), df=df, chunk=chunk)
         for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
             getattr(res, name)[low] = getattr(more, name)
     return res
