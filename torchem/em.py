@@ -23,6 +23,11 @@ rejection.  The E-step there is kept only if the summed Laplace log evidence
 is not below its value at ``a`` (the monotonicity safeguard); otherwise EM
 goes on from ``c``.  Every E-step counts towards
 ``mstep_maxit``.  The fixed point is the one plain EM reaches.
+
+Under a process group (:mod:`torchem.distributed`) each rank runs the E-steps
+of its contiguous shard of subjects, and the shards' moments are all-gathered
+in subject order before the M-step, so every rank runs the same M-step and
+stopping rule on the moments of all subjects.
 """
 from __future__ import annotations
 
@@ -376,6 +381,9 @@ class EMRun:
             x0 = self.prior.start(S, self.generator)
         # under a process group this rank runs the E-steps of its contiguous shard of subjects only
         self.dist = distributed.context(self.device)
+        if self.dist is not None and S < self.dist.world_size:
+            raise ValueError(f"{S} subject(s) cannot be shared by {self.dist.world_size} ranks: use at most {S} "
+                             "processes, or fit inside torchem.distributed.local()")
         lo, hi = (0, S) if self.dist is None else self.dist.shard(S)
         shard = batch if self.dist is None else batch.index(torch.arange(lo, hi))
         self.laplace = LaplaceEStep(model, shard, x0, generator=self.generator, max_restarts=options.max_restarts,
