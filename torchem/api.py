@@ -28,6 +28,8 @@ __all__ = ["EMModel", "resolve_device", "check_dtype", "convergence_text"]
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given, if this machine has it.
 
+    Under ``torchrun`` (``LOCAL_RANK`` set) a CUDA device without an index is the rank's ``cuda:LOCAL_RANK``.
+
     Raises
     ------
     ValueError
@@ -39,6 +41,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r} ({err}); use 'cpu', 'cuda' or 'auto'") from None
+    dev = distributed.local_device(dev)  # under torchrun: cuda -> cuda:LOCAL_RANK
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
@@ -47,7 +50,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                              f"numbered from 0")
-    return distributed.local_device(dev)  # under torchrun: cuda:LOCAL_RANK
+    return dev
 
 
 #: Floating dtypes a fit can run in (Cholesky and the float64 reference values need at least float32).

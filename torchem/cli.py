@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from . import distributed
-from .api import EMModel, convergence_text
+from .api import EMModel, convergence_text, resolve_device
 from .data import parse_columns, read_table
 from .models import MODELS, get_model
 from .options import add_arguments, options_from_args
@@ -135,6 +135,9 @@ def _fit(args: argparse.Namespace) -> int:
     out, summary_path = _output_paths(args)
     if args.nproc > 1 and not distributed.in_group():
         # K local processes form a process group; each runs this same command on its shard, rank 0 writes
+        if resolve_device(args.device).type == "cuda" and args.nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {args.nproc} with CUDA needs one GPU per process; this machine has "
+                             f"{torch.cuda.device_count()}")
         threads = max(1, torch.get_num_threads() // args.nproc)
         return distributed.launch(_fit, args.nproc, (args,), threads=threads)
     writer = distributed.is_writer()
