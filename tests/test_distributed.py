@@ -22,6 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:EM did not converge:RuntimeWarni
 
 TOL = 1e-10
 FIT = {"verbose": 0, "mstep_maxit": 40}
+RESTARTS = {"mstep_maxit": 3, "estep_maxit": 2, "max_restarts": 2}  # few L-BFGS steps: many subjects restart
 
 
 def _model(n: int = 40, seed: int = 3) -> EMModel:
@@ -31,7 +32,7 @@ def _model(n: int = 40, seed: int = 3) -> EMModel:
 
 def _fit_numbers(model: EMModel, **kwargs) -> dict:
     """Everything a fit is compared by: MAPs, inverse Hessians, group, NPL, LME, iBIC, history."""
-    res = model.fit(**FIT, **kwargs)
+    res = model.fit(**{**FIT, **kwargs})
     lap, lme, _ = model.compute_lme()
     return {"m": res.m.numpy(), "inv_h": res.inv_h.numpy(), "mu": res.posterior_mu.numpy(),
             "var": res.posterior_var.numpy(), "npl": res.NPL.numpy(), "lap": lap, "lme": lme,
@@ -69,6 +70,7 @@ def _worker_fit_and_studies(path: str) -> dict:
     cov = pd.DataFrame({"g": np.arange(40) % 2}, index=model.batch.subject_ids)
     return {"plain": _fit_numbers(model, checkpoint=path, checkpoint_every=4),
             "covariates": _fit_numbers(_model(), group="student_t", covariates=cov),
+            "restarts": _fit_numbers(_model(), **RESTARTS),
             "importance": _importance(), "identify": _identify(), "recover": _recover(), "rank": ctx.rank,
             "shard": ctx.shard(40)}
 
@@ -96,6 +98,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     assert resumed.n_iter == one["n_iter"]
     np.testing.assert_allclose(resumed.m.numpy(), one["m"], rtol=0, atol=TOL)
     _assert_same(_fit_numbers(_model(), group="student_t", covariates=cov), many["covariates"])
+    # restarts draw from each subject's own generator, whichever rank runs the subject
+    restarts = _fit_numbers(_model(), **RESTARTS)
+    assert (restarts["status"] != 0).sum() >= 10  # failed MAP searches, each restarted max_restarts times
+    _assert_same(restarts, many["restarts"])
     # importance E-steps and importance LME: each subject's draws are its own, so ranks do not change them
     imp = _importance()
     assert imp["n_iter"] == many["importance"]["n_iter"]
@@ -159,7 +165,8 @@ def test_four_gloo_ranks_equal_one_process():
 def test_two_nccl_ranks_on_gpus():
     many = distributed.launch(_worker_cuda, 2)
     one = EMModel(_model().batch, rw1a1b_fit, device="cuda:0").fit(**FIT)
-    np.testing.assert_allclose(many, one.m.cpu().numpy(), rtol=0, atol=1e-8)
+    # GPU kernels reduce in an order that depends on the batch size, so shards agree to rounding, not bit for bit
+    np.testing.assert_allclose(many, one.m.cpu().numpy(), rtol=0, atol=1e-6)
 
 
 def _worker_cuda():
