@@ -18,7 +18,8 @@ from torchem import EMModel, ModelComparison, distributed
 from torchem.cli import main
 from torchem.models.rl import rw1a1b_fit, rw1a1b_simulate, rw2a1b_fit, rw2a1b_simulate
 
-pytestmark = pytest.mark.filterwarnings("ignore:EM did not converge:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:EM did not converge:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:.*did not converge in the final E-step:RuntimeWarning")]
 
 TOL = 1e-10
 FIT = {"verbose": 0, "mstep_maxit": 40}
