@@ -38,6 +38,7 @@ def main() -> None:
                 "sd/scale beta": round(spread[0], 4), "sd/scale alpha": round(spread[1], 4),
                 "var beta": round(var[0], 4), "var alpha": round(var[1], 4),
                 "E-steps": res.n_iter, "converged": res.convergence, "NPL": round(float(res.NPL.sum()), 3),
+                "LME": round(model.compute_lme()[1], 3),
                 "warnings": len(caught), "wall s": round(wall, 2)}
             print(rows[f"{family} ({estep})"], flush=True)
     df = pd.DataFrame(rows).T

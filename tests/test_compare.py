@@ -204,3 +204,17 @@ def test_compare_import_paths():
     assert torchem.ModelComparison is ModelComparison is pyem_path
     with pytest.raises(ValueError, match="names"):
         ModelComparison([object()], ["a", "b"])
+
+
+def test_comparing_group_families_by_laplace_lme_warns(small_data):
+    """A heavy-tailed group's LME is a variational bound: comparing families by it gets a stored warning."""
+    _, _, data = small_data
+    gauss, cauchy = EMModel(data, rw1a1b_fit, device="cpu"), EMModel(data, rw1a1b_fit, device="cpu")
+    gauss.fit(verbose=0)
+    cauchy.fit(verbose=0, group="cauchy")
+    assert gauss.result.lme is None and cauchy.result.lme is not None
+    with pytest.warns(RuntimeWarning, match="variational lower bound"):
+        df = ModelComparison([gauss, cauchy], ["gauss", "cauchy"]).compare(bicint_kwargs={"nsamples": 200})
+    assert len(df.attrs["warnings"]) == 1 and "cauchy" in df.attrs["warnings"][0]
+    same = ModelComparison([gauss, EMModel(data, rw1a1b_fit, device="cpu")]).compare(bicint_kwargs={"nsamples": 200})
+    assert same.attrs["warnings"] == []

@@ -379,8 +379,9 @@ class EMModel:
         if self.batch is not None and list(res.subject_ids) != list(self.batch.subject_ids):
             raise ValueError(f"{path}: the saved result's {res.n_subjects} subject ids differ from this model's "
                              f"{self.batch.n_subjects} subjects")
-        for k in ("m", "inv_h", "NPL", "NLPrior", "NLL", "hess_logdet"):
-            setattr(res, k, getattr(res, k).to(self.dtype))
+        for k in ("m", "inv_h", "NPL", "NLPrior", "NLL", "hess_logdet", "lme"):
+            if getattr(res, k) is not None:
+                setattr(res, k, getattr(res, k).to(self.dtype))
         for k in ("group", "estep_prior"):
             if getattr(res, k) is not None:
                 setattr(res, k, getattr(res, k).to(self.device, self.dtype))
@@ -500,7 +501,7 @@ class EMModel:
         """
         res = self._fitted()
         if method == "laplace":
-            lap = evidence.laplace_lme(res.NPL, res.hess_logdet, res.n_params)
+            lap = res.laplace_evidence()
             se = torch.zeros_like(lap)
             good = res.hessian_ok
         elif method == "importance":

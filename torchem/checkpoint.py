@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["save_checkpoint", "load_checkpoint", "data_hash"]
 
 FORMAT = "torchem.checkpoint"
-VERSION = 1
+VERSION = 2
 #: Options that may differ between the interrupted and the resumed fit (where and how, not what, is computed).
 _FREE = ("checkpoint", "checkpoint_every", "resume", "chunk_size", "num_threads")
 
@@ -74,7 +74,7 @@ def save_checkpoint(run: "EMRun", state: "EMState", path: str | os.PathLike) -> 
                    "last_group": _cpu_state(group.state_dict()), "last_prior": _cpu_state(prior.state_dict())},
         "post_a": _post_tensors(state.post_a), "last_post": _post_tensors(post),
         "estep": {"x": run.laplace.x.cpu(), "has_lik": run.laplace.has_lik.cpu(),
-                  "nll": lik[0].cpu(), "grad": lik[1].cpu(), "hess": lik[2].cpu()},
+                  "nll": lik[0].cpu(), "grad": lik[1].cpu(), "hess": lik[2].cpu(), "v": run.laplace.v.cpu()},
         "generator": run.generator.get_state(),
     }
     path = os.fspath(path)
@@ -129,6 +129,7 @@ def load_checkpoint(run: "EMRun", path: str | os.PathLike, rule: Any) -> "EMStat
     lap = run.laplace
     lap.x, lap.has_lik = e["x"].to(dev), e["has_lik"].to(dev)
     lap.lik = (e["nll"].to(dev), e["grad"].to(dev), e["hess"].to(dev))
+    lap.v = e["v"].to(dev)
     run.generator.set_state(payload["generator"])
     lap.restart_seed = meta["restart_seed"]
     run.rows, run.warnings = meta["rows"], meta["warnings"]

@@ -8,6 +8,7 @@ model to every simulated data set and counts which model wins.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -170,7 +171,20 @@ class ModelComparison:
         df["xp"] = self.bms_result.xp
         df["pxp"] = self.bms_result.pxp
         df["BOR"] = self.bms_result.bor
+        df.attrs["warnings"] = self._family_warnings()
+        for text in df.attrs["warnings"]:
+            warnings.warn(text, RuntimeWarning, stacklevel=2)
         return df
+
+    def _family_warnings(self) -> list[str]:
+        """A note when models with different group families are compared by their Laplace LME."""
+        results = [m.result for m in self.models]
+        bound = [n for n, r in zip(self.names, results) if r.lme is not None]
+        if not bound or len({r.group_name for r in results}) == 1:
+            return []
+        return [f"the LME of {', '.join(map(str, bound))} is the variational lower bound of a heavy-tailed group, "
+                "looser than a Gaussian group's Laplace LME where the data inform a parameter weakly; compare "
+                "group families by BICint or compute_lme(method='importance')"]
 
     def identify(
         self,

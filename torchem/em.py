@@ -142,6 +142,11 @@ class FitResult:
     estep_prior : Prior or None
         The group distribution the final E-step used (``NPL`` and ``inv_h`` are
         under it; ``group`` is the M-step after it).
+    lme : Tensor or None
+        ``(S,)`` Laplace log evidence of each subject as the fit computed it:
+        for the heavy-tailed groups the variational bound of their E-steps
+        (see :class:`torchem.groups.LocalPrior`); ``None``: from ``NPL`` and
+        ``hess_logdet`` (:meth:`laplace_evidence`).
     """
 
     m: torch.Tensor
@@ -168,6 +173,13 @@ class FitResult:
     stopped: bool = False
     importance: ImportanceResult | None = field(default=None, repr=False)
     estep_prior: Prior | None = field(default=None, repr=False)
+    lme: torch.Tensor | None = field(default=None, repr=False)
+
+    def laplace_evidence(self) -> torch.Tensor:
+        """``(S,)`` per-subject Laplace log evidence (:attr:`lme`, or from ``NPL`` and ``hess_logdet``)."""
+        from .evidence import laplace_lme
+
+        return laplace_lme(self.NPL, self.hess_logdet, self.n_params) if self.lme is None else self.lme
 
     # -------------------------------------------------------------- views
     @property
@@ -257,12 +269,10 @@ class FitResult:
 
     def subject_table(self) -> pd.DataFrame:
         """Per-subject results: natural MAPs, NLL, NPL, Laplace log evidence and flags (CLI, dashboard)."""
-        from .evidence import laplace_lme
-
         df = self.params_df()
         df["NLL"] = self.NLL.detach().cpu().numpy()
         df["NPL"] = self.NPL.detach().cpu().numpy()
-        df["LME (Laplace)"] = laplace_lme(self.NPL, self.hess_logdet, self.n_params).detach().cpu().numpy()
+        df["LME (Laplace)"] = self.laplace_evidence().detach().cpu().numpy()
         df["status"] = [SubjectStatus(int(s)).name.lower() for s in self.status.cpu()]
         df["hessian_ok"] = self.hessian_ok.cpu().numpy()
         df["laplace_capped"] = self.laplace_capped.cpu().numpy()
@@ -270,9 +280,9 @@ class FitResult:
 
     def summary(self) -> dict[str, Any]:
         """The fit in a few numbers (plain Python values): sizes, convergence, group, NPL, LME, flags, warnings."""
-        from .evidence import laplace_lme, total_lme
+        from .evidence import total_lme
 
-        lap = laplace_lme(self.NPL, self.hess_logdet, self.n_params)
+        lap = self.laplace_evidence()
         out = {
             "subjects": self.n_subjects,
             "parameters": list(self.param_names),
@@ -388,7 +398,8 @@ class EMRun:
         shard = batch if self.dist is None else batch.index(torch.arange(lo, hi))
         self.laplace = LaplaceEStep(model, shard, x0, generator=self.generator, max_restarts=options.max_restarts,
                                     estep_maxit=options.estep_maxit, gtol=options.gtol,
-                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap, first=lo)
+                                    hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap,
+                                    variational=options.variational, first=lo)
         self.all_idx = torch.arange(lo, hi, device=self.device)
         self.writer = self.dist is None or self.dist.rank == 0  # prints, warns, shows progress, writes files
         if not self.writer:
@@ -434,8 +445,13 @@ class EMRun:
     def _gather_moments(self, post: PosteriorMoments) -> PosteriorMoments:
         """Every rank's shard of ``post`` joined in subject order (identical on every rank)."""
         names = [f.name for f in fields(PosteriorMoments) if f.name not in ("importance", "index")]
-        alias = {"m": "x", "V": "inv_h"} if (post.m is post.x and post.V is post.inv_h) else {}
-        send = [n for n in names if n not in alias]
+        alias, send = {}, []
+        for n in names:  # a field that is another field's tensor (Laplace: m is x, V is inv_h) travels once
+            same = next((k for k in send if getattr(post, k) is getattr(post, n)), None)
+            if same is None:
+                send.append(n)
+            else:
+                alias[n] = same
         tensors = [getattr(post, n) for n in send]
         imp_names = [f.name for f in fields(ImportanceResult)] if post.importance is not None else []
         tensors += [getattr(post.importance, n) for n in imp_names]
@@ -622,8 +638,9 @@ class EMRun:
             return False
         if self.dist is not None:  # every rank joins the E-step state of all subjects; rank 0 writes it
             lap = self.laplace
-            full = self.dist.gather([t[self.all_idx] for t in (lap.x, lap.has_lik, *lap.lik)], self.batch.n_subjects)
-            lap.x, lap.has_lik, lap.lik = full[0], full[1], tuple(full[2:])
+            full = self.dist.gather([t[self.all_idx] for t in (lap.x, lap.v, lap.has_lik, *lap.lik)],
+                                    self.batch.n_subjects)
+            lap.x, lap.v, lap.has_lik, lap.lik = full[0], full[1], full[2], tuple(full[3:])
         if self.writer:
             save_checkpoint(self, state, self.opts.checkpoint)
         return True
@@ -805,6 +822,7 @@ class EMRun:
             subject_ids=list(self.batch.subject_ids), param_xform=list(self.model.param_xform),
             stop_reason=self.stop_reason, warnings=list(self.warnings), options=self.opts, estep=self.estep_kind,
             stopped=self.stopped, importance=post.importance, estep_prior=prior,
+            lme=None if not self.opts.variational or prior.local(None, None) is prior else post.laplace_lme,
         )
 
 

@@ -61,6 +61,9 @@ class PosteriorMoments:
         ``(s,)`` log-determinant of the (capped) Hessian.
     log_evidence : Tensor
         ``(s,)`` approximate ``log p(D_i)``: Laplace, or importance-sampled.
+    laplace_lme : Tensor
+        ``(s,)`` the Laplace log evidence (the variational bound under a
+        heavy-tailed group's local prior), also after an importance E-step.
     status : Tensor
         ``(s,)`` ``int8`` :class:`SubjectStatus`.
     hessian_ok, capped : Tensor
@@ -78,6 +81,7 @@ class PosteriorMoments:
     nlprior: torch.Tensor
     logdet: torch.Tensor
     log_evidence: torch.Tensor
+    laplace_lme: torch.Tensor
     status: torch.Tensor
     hessian_ok: torch.Tensor
     capped: torch.Tensor
@@ -162,7 +166,7 @@ class LaplaceEStep:
         The likelihood and the data (on the fit's device and dtype).
     x0 : Tensor
         ``(S, P)`` starting points of the first call.
-    max_restarts, estep_maxit, gtol, hessian_chunk, laplace_cap
+    max_restarts, estep_maxit, gtol, hessian_chunk, laplace_cap, variational
         See :class:`torchem.options.FitOptions`.
     generator : torch.Generator
         CPU generator of the base seed of the restarts' draws (see :func:`restart_draws`; ``step``, the
@@ -177,7 +181,7 @@ class LaplaceEStep:
 
     def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
                  max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
-                 laplace_cap: float = 4.0, first: int = 0) -> None:
+                 laplace_cap: float = 4.0, variational: bool = True, first: int = 0) -> None:
         self.model, self.batch, self.first = model, batch, first
         self.restart_seed, self.step = int(torch.randint(0, 2**62, (1,), generator=generator)), 0
         self.x = x0.clone()
@@ -188,6 +192,20 @@ class LaplaceEStep:
         gtol = max(gtol, math.sqrt(torch.finfo(x0.dtype).eps))
         self.optim_kwargs = {"max_iter": estep_maxit, "gtol": gtol}
         self.has_lik = torch.zeros(S, dtype=torch.bool, device=x0.device)
+        self.variational = variational  # False: every E-step is the MAP under the prior itself
+        self.v: torch.Tensor | None = None  # (S, P) posterior variances of the last call (for Prior.local)
+        self._local: tuple | None = None  # (prior, step, local prior) of the current E-step
+
+    def local_prior(self, prior: Prior) -> Prior:
+        """``prior.local`` at every subject's last moments, built once per E-step (chunks share it)."""
+        if not self.variational:
+            return prior
+        if self._local is None or self._local[0] is not prior or self._local[1] != self.step:
+            # the subjects of this batch (a rank's shard: the rows of other ranks' subjects are not used)
+            mine = self.has_lik[self.first:self.first + self.batch.n_subjects]
+            have = self.v is not None and bool(mine.all())
+            self._local = (prior, self.step, prior.local(self.x if have else None, self.v if have else None))
+        return self._local[2]
 
     def _warm(self, idx: torch.Tensor, prior: Prior) -> dict:
         if self.lik is None or not bool(self.has_lik[idx].all()):
@@ -199,7 +217,15 @@ class LaplaceEStep:
         return {"f0": nll + prior.neg_log_prior(x, idx), "g0": g + prior.grad(x, idx), "h0": h0}
 
     def run(self, idx: torch.Tensor, prior: Prior) -> PosteriorMoments:
-        """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``."""
+        """Posterior moments of the subjects ``idx`` ``(s,)`` under ``prior``.
+
+        The MAP search and the Hessian use ``prior.local(...)`` (the prior
+        itself, or a heavy-tailed group's variational form); ``npl`` and
+        ``nlprior`` are reported under ``prior`` itself, and the log evidence
+        is the Laplace one, or the variational bound where the local prior
+        differs.
+        """
+        target, prior = prior, self.local_prior(prior)
         fun = neg_log_posterior(self.model, self.batch, prior, idx, self.first)
         def draw(problems: torch.Tensor, round: int) -> torch.Tensor:
             return restart_draws(prior, idx[problems], self.restart_seed, self.step, round)
@@ -230,8 +256,18 @@ class LaplaceEStep:
         H, capped = cap_posterior_width(H, prior.spread, self.laplace_cap)
         inv_h, logdet, ok_h = invert_pd(H, prior.spread)
         P = x.shape[1]
-        lme = -npl + 0.5 * P * math.log(2 * math.pi) - 0.5 * logdet
-        return PosteriorMoments(idx, x, inv_h, x, inv_h, npl, nlprior, logdet, lme, status, ok_h, capped)
+        v = inv_h.diagonal(dim1=-2, dim2=-1)
+        if self.v is None:
+            self.v = torch.zeros_like(self.x)
+        self.v[idx] = v
+        if prior is target:
+            lme = -npl + 0.5 * P * math.log(2 * math.pi) - 0.5 * logdet
+        else:  # variational bound: E_q[log lik] (quadratic) + E_q[log group] + entropy of q = N(x, inv_h)
+            nlprior = target.neg_log_prior(x, idx)
+            npl = lik[0] + nlprior
+            lme = (-lik[0] - 0.5 * (lik[2] * inv_h).sum((-2, -1)) - target.expected_neg_log_prior(x, v, idx)
+                   + 0.5 * P * math.log(2 * math.pi * math.e) - 0.5 * logdet)
+        return PosteriorMoments(idx, x, inv_h, x, inv_h, npl, nlprior, logdet, lme, lme, status, ok_h, capped)
 
 
 class ImportanceEStep:

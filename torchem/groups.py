@@ -119,6 +119,11 @@ class GroupFamily(Prior):
         """The tensors the constructor takes."""
         raise NotImplementedError
 
+    def expected_neg_log_prior(self, m: torch.Tensor, v: torch.Tensor,
+                               idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``(s,)`` expected negative log density under independent ``N(m_p, v_p)`` per parameter."""
+        raise NotImplementedError
+
     def collapse(self, j: int) -> "GroupFamily":
         """A copy with parameter ``j``'s spread at the floor (1e-8 variance) and its correlations removed."""
         v = self.to_vector().clone()
@@ -234,6 +239,98 @@ def _folded_abs_dev(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return s * math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (d / s) ** 2) + d * torch.erf(d / (s * math.sqrt(2.0)))
 
 
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``idx`` of a per-subject ``(S, P)`` tensor (all rows for ``None``); a ``(P,)`` tensor as it is."""
+    return t if (idx is None or t.dim() == 1) else t[idx]
+
+
+@dataclass(repr=False)
+class LocalPrior(Prior):
+    """A heavy-tailed group as one subject's E-step sees it, given that subject's last Gaussian posterior.
+
+    The MAP under a Laplace or Student-t density is a poor posterior mean
+    when the data inform a parameter weakly: a Laplace MAP sits on the kink
+    at the location, and a t MAP's curvature makes the t M-step shrink the
+    scale at every step.  Variational EM instead fits each subject a
+    Gaussian ``q_i = N(m_i, V_i)`` (the likelihood taken as locally
+    quadratic, as in the Laplace approximation) that maximizes
+    ``E_q[log p(D_i | theta)] + E_q[log group(theta)] + H(q)``; the M-steps
+    of the families (pyEM's) are the maximizers of ``sum_i E_q[log group]``
+    given those ``q_i``.  The E-step keeps each subject's variances ``v``
+    from its previous E-step and maximizes over the mean:
+
+    - ``kind="laplace"``: the prior term is the Laplace log density averaged
+      over ``N(theta_p, v_p)``: ``E|theta - loc| / b`` is a folded-normal
+      mean, smooth everywhere (no kink) with curvature
+      ``sqrt(2/pi) exp(-d^2 / 2v) / (b sqrt v)``;
+    - ``kind="t"``: mean-field variational Bayes over the t's scale mixture:
+      a Gaussian ``N(loc, scale^2 / u)`` with the subject's expected
+      precision weight ``u = (df + 1) / (df + ((m - loc)^2 + v) / scale^2)``
+      (the weight of the t M-step).
+
+    Its MAP and Hessian are the subject's new ``m`` and ``V``.  A subject the
+    data do not inform keeps the group's spread: its ``q`` has ``E|theta -
+    loc| = b`` (Laplace) or a weight ``u = 1`` (t), so the M-step leaves the
+    scale where it is instead of shrinking it.
+
+    Attributes
+    ----------
+    group : GroupFamily
+        The family (draws, location and spread for restarts and caps).
+    loc : Tensor
+        ``(P,)`` or per subject ``(S, P)`` locations.
+    scale : Tensor
+        ``(P,)`` scales (Laplace ``b``; t ``scale``).
+    w : Tensor
+        ``(S, P)`` per subject: the posterior SD ``sqrt v`` (Laplace) or the weight ``u`` (t).
+    kind : str
+        ``"laplace"`` or ``"t"``.
+    """
+
+    group: Prior
+    loc: torch.Tensor
+    scale: torch.Tensor
+    w: torch.Tensor
+    kind: str
+
+    @property
+    def mean(self):
+        return self.group.mean
+
+    @property
+    def var(self):
+        return self.group.var
+
+    @property
+    def spread(self):
+        return self.group.spread
+
+    def sample(self, n, generator=None, idx=None):
+        return self.group.sample(n, generator, idx)
+
+    def _parts(self, x, idx):
+        return x - _rows(self.loc, idx), _rows(self.w, idx)
+
+    def neg_log_prior(self, x, idx=None):
+        d, w = self._parts(x, idx)
+        if self.kind == "laplace":
+            return (_folded_abs_dev(d, w) / self.scale + torch.log(2.0 * self.scale)).sum(-1)
+        s2 = self.scale ** 2
+        return (0.5 * w * d * d / s2 + 0.5 * torch.log(2.0 * math.pi * s2 / w)).sum(-1)
+
+    def grad(self, x, idx=None):
+        d, w = self._parts(x, idx)
+        if self.kind == "laplace":
+            return torch.erf(d / (w * math.sqrt(2.0))) / self.scale
+        return w * d / self.scale ** 2
+
+    def hessian(self, x, idx=None):
+        d, w = self._parts(x, idx)
+        if self.kind == "laplace":
+            return torch.diag_embed(math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (d / w) ** 2) / (self.scale * w))
+        return torch.diag_embed(w / self.scale ** 2)
+
+
 class _LocationScale(GroupFamily):
     """Hyperparameters of a family with a location ``loc`` and a scale ``scale`` per parameter."""
 
@@ -274,6 +371,18 @@ class LaplaceGroup(LaplacePrior, _LocationScale):
 
     def _with(self, loc, scale):
         return LaplaceGroup(loc, scale, self.smooth)
+
+    def local(self, m, v, loc=None):
+        loc = self.loc if loc is None else loc
+        sd = self.spread.diagonal().sqrt() if v is None else v.clamp_min(0.0).sqrt()
+        if v is None and loc.dim() == 2:
+            sd = sd.expand_as(loc)
+        sd = sd.clamp_min(self.smooth * self.scale)
+        return LocalPrior(self, loc, self.scale, sd, "laplace")
+
+    def expected_neg_log_prior(self, m, v, idx=None, loc=None):
+        d = m - (self.loc if loc is None else _rows(loc, idx))
+        return (_folded_abs_dev(d, v.clamp_min(0.0).sqrt()) / self.scale + torch.log(2.0 * self.scale)).sum(-1)
 
     def mstep(self, m, V, weights=None):
         w = _weights(m, weights)[:, None]
@@ -319,6 +428,39 @@ class StudentTGroup(StudentTPrior, _LocationScale):
 
     def _with(self, loc, scale):
         return self._make(loc, scale, self)
+
+    def local(self, m, v, loc=None):
+        loc = self.loc if loc is None else loc
+        s2 = self.scale ** 2
+        if v is None:  # before any E-step: q = the group itself, weight 1
+            u = torch.ones_like(loc if loc.dim() == 2 else s2)
+        else:
+            u = (self.df + 1.0) / (self.df + ((m - loc) ** 2 + v.clamp_min(0.0)) / s2)
+        return LocalPrior(self, loc, self.scale, u, "t")
+
+    def expected_neg_log_prior(self, m, v, idx=None, loc=None):
+        """Exactly, from ``log(1 + x^2 / a^2) = int_0^inf (e^-t - e^-t(1 + x^2/a^2)) dt / t`` (Frullani).
+
+        Under ``x ~ N(d, v)`` the inner expectation is Gaussian in closed form,
+        ``E e^(-t x^2 / a^2) = (1 + 2tv/a^2)^(-1/2) exp(-t d^2 / (a^2 + 2tv))``,
+        which leaves a smooth one-dimensional integral over ``y = log t``,
+        summed by the trapezoidal rule on 96 nodes per element (relative
+        error below 1e-9 for any ``d``, ``v``).
+        """
+        df, s2 = self.df, self.scale ** 2
+        d = m - (self.loc if loc is None else _rows(loc, idx))
+        d2, v = d * d, v.clamp_min(0.0)
+        a2 = df * s2
+        y0 = torch.log(a2 / (v + d2 + a2)) - 32.0
+        n = 96
+        h = (3.7 - y0) / (n - 1)
+        total = torch.zeros_like(d)
+        for k in range(n):  # node by node: the same rounding whatever the batch size
+            t = torch.exp(y0 + k * h)
+            log_c = -0.5 * torch.log1p(2.0 * t * v / a2) - t * d2 / (a2 + 2.0 * t * v)
+            total = total + (0.5 if k in (0, n - 1) else 1.0) * torch.exp(-t) * -torch.expm1(log_c)
+        const = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+        return (0.5 * (df + 1) * h * total + torch.log(self.scale) - const).sum(-1)
 
     def mstep(self, m, V, weights=None):
         df = self.df
@@ -481,6 +623,12 @@ class CovariateGroup(GroupFamily):
 
     def hessian(self, x, idx=None):
         return self.base.hessian(x - self._loc(x, idx))
+
+    def local(self, m, v):
+        return self if self.gaussian else self.base.local(m, v, loc=self.means())
+
+    def expected_neg_log_prior(self, m, v, idx=None):
+        return self.base.expected_neg_log_prior(m, v, idx, loc=self.means())
 
     def sample(self, n, generator=None, idx=None):
         """``(n, P)`` draws: of the subjects ``idx`` ``(n,)`` around their own locations, else around :attr:`mean`."""

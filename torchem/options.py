@@ -32,6 +32,10 @@ class FitOptions:
                                   "'laplace', 'student_t', 'cauchy', or a GroupFamily instance")
     mstep: Any = _opt(None, "pyEM's name for `group` ('gaussian', 'laplace', 'student_t', 'cauchy')", cli=False)
     df: float = _opt(8.0, "degrees of freedom of the 'student_t' group")
+    variational: bool = _opt(True, "laplace, student_t and cauchy groups: E-steps fit each subject's "
+                                   "variational Gaussian posterior under the group (unbiased at the Laplace "
+                                   "kink; no collapsing t scale); False: the MAP under the group density, "
+                                   "as pyEM")
     covariates: Any = _opt(None, "subject covariates of the group mean, mu_i = X_i B (torchem.covariates): a "
                                  "DataFrame indexed by subject id, or an array with one row per subject; "
                                  "categorical columns are dummy coded, an intercept is added", cli=False)
@@ -122,6 +126,7 @@ class FitOptions:
         _choice("convergence_custom", self.convergence_custom, (None, "relative_npl", "running_average"))
         _choice("accelerate", self.accelerate, (None, "squarem"))
         _choice("estep", self.estep, ("laplace", "importance"))
+        _choice("variational", self.variational, (True, False))
         _positive_int("mstep_maxit", self.mstep_maxit)
         _positive_int("estep_maxit", self.estep_maxit)
         _positive_int("hessian_chunk", self.hessian_chunk)
@@ -209,6 +214,10 @@ def _cli_type(f) -> Any:
                 value = None
             elif f.name == "chunk_size":
                 value = text if text == "auto" else int(text)
+            elif isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"{f.name} must be true or false, got {text!r}")
+                value = text.lower() in ("true", "1", "yes")
             elif isinstance(default, int) or f.name in ("final_nsamples", "seed", "num_threads"):
                 value = int(text)
             elif isinstance(default, float):

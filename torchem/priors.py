@@ -88,6 +88,17 @@ class Prior:
         """``(n, P)`` draws; the random stream comes from ``generator`` on the CPU."""
         raise NotImplementedError
 
+    def local(self, m: torch.Tensor | None, v: torch.Tensor | None) -> "Prior":
+        """The prior an E-step uses, given every subject's last posterior means ``m`` and variances ``v``.
+
+        ``m``, ``v``: ``(S, P)``, or ``None`` before the first E-step.  A
+        fixed prior and a Gaussian group return themselves (their MAP and
+        Hessian give the Laplace posterior).  The heavy-tailed group families
+        return a per-subject prior whose MAP and Hessian are each subject's
+        variational Gaussian posterior (:class:`torchem.groups.LocalPrior`).
+        """
+        return self
+
     @property
     def mean(self) -> torch.Tensor:
         """``(P,)`` location (the mean where it exists)."""

@@ -70,6 +70,8 @@ def save_result(result, path: str | os.PathLike) -> None:
         "history": json.loads(result.history.to_json(orient="split")),
     }
     tensors = {k: getattr(result, k).detach().cpu() for k in _TENSORS}
+    if result.lme is not None:
+        tensors["lme"] = result.lme.detach().cpu()
     if result.importance is not None:
         tensors.update({f"importance.{f.name}": getattr(result.importance, f.name).detach().cpu()
                         for f in fields(result.importance)})
@@ -149,7 +151,8 @@ def load_result(path: str | os.PathLike, *, map_location: Any = "cpu",
             **{k: t[k] for k in _TENSORS}, group=group(payload["group"]), convergence=meta["convergence"],
             n_iter=meta["n_iter"], history=history, param_names=meta["param_names"], subject_ids=ids,
             param_xform=xform, stop_reason=meta["stop_reason"], warnings=meta["warnings"], options=options,
-            estep=meta["estep"], stopped=meta["stopped"], importance=imp, estep_prior=group(payload["estep_prior"]))
+            estep=meta["estep"], stopped=meta["stopped"], importance=imp, estep_prior=group(payload["estep_prior"]),
+            lme=t.get("lme"))
     except ValueError as err:
         raise ValueError(f"{path}: damaged torchem result file: {err}") from None
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:

@@ -460,6 +460,8 @@ class FitDashboard(W.VBox):
         if self.comparison_df is not None:
             lines.append(_TABLE_CSS + "<b>Model comparison</b>" + self.comparison_df.to_html(
                 classes="torchem-comparison", float_format=lambda v: f"{v:.3f}", border=0))
+            for w in self.comparison_df.attrs.get("warnings", []):
+                lines.append(f"<span class='torchem-warning' style='color:#a65e00'>warning: {html.escape(w)}</span>")
         self.results_summary.value = "<br>".join(lines)
         self.download.value = _download_link(df, f"{name}_subjects.csv")
         shown = df.head(self.max_table_rows)
