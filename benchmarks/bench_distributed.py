@@ -57,7 +57,8 @@ def fit_once(n_subjects: int, device: str = "cpu", dtype: str = "float64", seed:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "n_iter": res.n_iter, "converged": res.convergence,
+    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "n_iter": res.n_iter,
+            "converged": res.convergence,
             "m": res.m.detach().cpu().numpy(), "mu": res.posterior_mu.detach().cpu().numpy(),
             "var": res.posterior_var.detach().cpu().numpy(), "lme": model.compute_lme()[1],
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -90,7 +91,8 @@ def compare_ranks(n_subjects: int, nprocs: Sequence[int] = (1, 2), *, device: st
             r = distributed.launch(fit_once, k, args, threads=threads)
         ref = r if ref is None else ref
         diff = max(float(np.abs(r[key] - ref[key]).max()) for key in ("m", "mu", "var"))
-        out[k] = {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "subjects_per_s": n_subjects / r["seconds"], "n_iter": r["n_iter"],
+        out[k] = {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"],
+                  "subjects_per_s": n_subjects / r["seconds"], "n_iter": r["n_iter"],
                   "converged": r["converged"], "load": r["load"],
                   "max_abs_diff": max(diff, abs(r["lme"] - ref["lme"]))}
     return out

@@ -140,8 +140,8 @@ def test_cli_fit_nproc_2_writes_the_one_process_outputs(tmp_path, capsys):
     df = lists_to_dataframe(all_data)
     data = tmp_path / "d.csv"
     df.to_csv(data, index=False)
-    common = ["fit", str(data), "--model", "rw1a1b", "--columns", "choice,reward", "--block", "block", "--trial", "trial",
-              "--device", "cpu", "--quiet", "--nsamples", "200", "--maxit", "40"]
+    common = ["fit", str(data), "--model", "rw1a1b", "--columns", "choice,reward", "--block", "block",
+              "--trial", "trial", "--device", "cpu", "--quiet", "--nsamples", "200", "--maxit", "40"]
     assert main(common + ["--out", str(tmp_path / "one.csv"), "--summary", str(tmp_path / "one.json")]) == 0
     assert main(common + ["--nproc", "2", "--out", str(tmp_path / "two.csv"),
                           "--summary", str(tmp_path / "two.json")]) == 0

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "context", "local", "shard", "launch", "free_port", "is_writer", "in_group", "local_device", "TORCHRUN_VARS"]
+__all__ = ["Context", "context", "local", "shard", "launch", "free_port", "is_writer", "in_group", "local_device",
+           "TORCHRUN_VARS"]
 
 #: Environment variables ``torchrun`` sets for every process.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
