@@ -1,6 +1,7 @@
 """``EMModel``: pyEM's user-facing vocabulary over torchem's batched engine."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable, Sequence
@@ -9,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import crossval, evidence, plotting, ppc
+from . import crossval, distributed, evidence, plotting, ppc
 from .data import SubjectBatch
 from .em import EMRun, FitResult, IterationState
 from .estep import importance_draws, neg_log_posterior
@@ -26,17 +27,20 @@ __all__ = ["EMModel", "resolve_device", "check_dtype", "convergence_text"]
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` -> CUDA when available, else CPU; anything else as given, if this machine has it.
 
+    Under ``torchrun`` (``LOCAL_RANK`` set) a CUDA device without an index is the rank's ``cuda:LOCAL_RANK``.
+
     Raises
     ------
     ValueError
         A CUDA device on a machine without CUDA (or without that device index).
     """
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r} ({err}); use 'cpu', 'cuda' or 'auto'") from None
+    dev = distributed.local_device(dev)  # under torchrun: cuda -> cuda:LOCAL_RANK
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch "
@@ -500,10 +504,17 @@ class EMModel:
             se = torch.zeros_like(lap)
             good = res.hessian_ok
         elif method == "importance":
-            fun = neg_log_posterior(self.model, self.batch, self._prior_of(res))
-            isr = importance_draws(fun, res.m, res.inv_h, nsamples, 0 if seed is None else int(seed), 5.0, 0.0,
-                                   pairs_per_call(self.batch.mask[0].numel(), self.device))
-            lap, se, good = isr.log_evidence, isr.log_evidence_se, res.hessian_ok & (isr.ess >= min_ess)
+            S = res.n_subjects
+            ctx = distributed.context(self.device)  # under a process group each rank draws for its shard
+            lo, hi = (0, S) if ctx is None else ctx.shard(S)
+            idx = torch.arange(lo, hi, device=self.device)
+            fun = neg_log_posterior(self.model, self.batch, self._prior_of(res), idx)
+            isr = importance_draws(fun, res.m[lo:hi], res.inv_h[lo:hi], nsamples, 0 if seed is None else int(seed),
+                                   5.0, 0.0, pairs_per_call(self.batch.mask[0].numel(), self.device), idx)
+            lap, se, ess = isr.log_evidence, isr.log_evidence_se, isr.ess
+            if ctx is not None:
+                lap, se, ess = ctx.gather([lap, se, ess], S)
+            good = res.hessian_ok & (ess >= min_ess)
         else:
             raise ValueError(f"method must be 'laplace' or 'importance', got {method!r}")
         out = (_numpy(lap), evidence.total_lme(lap, res.n_params), _numpy(good))
@@ -535,7 +546,10 @@ class EMModel:
         def sample(n: int) -> torch.Tensor:  # row r is subject r % S (a group with covariates has its own means)
             return grp.sample(n, gen, subjects.repeat(n // S))
 
-        return evidence.integrated_log_likelihood(nll_fn, sample, S, nsamples, chunk)
+        ctx = distributed.context(self.device)  # under a process group each rank evaluates its shard
+        shard = None if ctx is None else ctx.shard(S)
+        ilog = evidence.integrated_log_likelihood(nll_fn, sample, S, nsamples, chunk, shard)
+        return ilog if ctx is None else ctx.gather([ilog], S)[0]
 
     def compute_integrated_bic(self, nsamples: int = 2000, seed: int | None = 0, convention: str = "huys",
                                max_elements: int | None = None, func_output: str = "all",
@@ -614,14 +628,23 @@ class EMModel:
             ``rmse_rounds`` ``(nrounds, P)``, ``correlation_sd``,
             ``param_names``, ``fit_result``, ``recovery_model`` (the fitted
             :class:`EMModel`) and ``sim`` (of the last round).
+
+        Under a process group (``torchrun``) with ``nrounds > 1`` the rounds
+        are spread over the ranks, each fitted in one process, and every rank
+        returns all rounds' numbers; ``fit_result``, ``recovery_model`` and
+        ``sim`` of the last round are rank 0's (``None`` on other ranks).
         """
         true_params = np.asarray(true_params, dtype=float)
         keys = list(pr_inputs or self.model.inputs or [])
         if not keys:
             raise ValueError("pr_inputs must name the simulator outputs the fit function takes")
         simulate = self.simulate if simulate_func is None else simulate_func
-        estimates, corrs, rmses = [], [], []
-        for rnd in range(nrounds):
+        # under a process group the rounds are spread over the ranks (the last one on rank 0), each fitted in one
+        # process; one round is a single fit, sharded over the ranks like any fit
+        ctx = distributed.context(self.device) if nrounds > 1 else None
+        mine = [r for r in range(nrounds) if ctx is None or (nrounds - 1 - r) % ctx.world_size == ctx.rank]
+        rounds, result, twin, sim = [], None, None, None
+        for rnd in mine:
             kwargs = dict(sim_kwargs)
             if kwargs.get("seed") is not None:
                 kwargs["seed"] = int(kwargs["seed"]) + rnd
@@ -631,13 +654,15 @@ class EMModel:
                 raise ValueError(f"simulator output has no {missing}; it has {sorted(sim)}")
             all_data = [[sim[k][i] for k in keys] for i in range(true_params.shape[0])]
             twin = self.with_data(all_data, input_names=keys)
-            result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
+            with distributed.local() if ctx is not None else contextlib.nullcontext():
+                result = twin.fit(**{"verbose": 0, **(fit_kwargs or {})})
             rec = parameter_recovery(true_params, result.natural_params().detach().cpu().numpy())
-            estimates.append(rec.est_params)
-            corrs.append(rec.corr)
-            rmses.append(rec.rmse)
-        corrs, rmses = np.asarray(corrs), np.asarray(rmses)
-        if self.batch is None:
+            rounds.append((rnd, rec.est_params, rec.corr, rec.rmse))
+        if ctx is not None:
+            rounds = sorted(r for part in ctx.all_gather_object(rounds) for r in part)
+        estimates = [r[1] for r in rounds]
+        corrs, rmses = np.asarray([r[2] for r in rounds]), np.asarray([r[3] for r in rounds])
+        if self.batch is None and twin is not None and (ctx is None or ctx.rank == 0):
             self._adopt(twin)
         return {"true_params": np.tile(true_params, (nrounds, 1)), "estimated_params": np.concatenate(estimates),
                 "correlation": corrs.mean(0), "rmse": rmses.mean(0), "correlation_rounds": corrs,

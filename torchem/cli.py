@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .api import EMModel, convergence_text
+from . import distributed
+from .api import EMModel, convergence_text, resolve_device
 from .data import parse_columns, read_table
 from .models import MODELS, get_model
 from .options import add_arguments, options_from_args
@@ -132,6 +133,14 @@ def _write_summary(s: dict, path: Path) -> None:
 def _fit(args: argparse.Namespace) -> int:
     options = options_from_args(args, seed=args.seed)  # bad option values are refused before any work
     out, summary_path = _output_paths(args)
+    if args.nproc > 1 and not distributed.in_group():
+        # K local processes form a process group; each runs this same command on its shard, rank 0 writes
+        if resolve_device(args.device).type == "cuda" and args.nproc > torch.cuda.device_count():
+            raise ValueError(f"--nproc {args.nproc} with CUDA needs one GPU per process; this machine has "
+                             f"{torch.cuda.device_count()}")
+        threads = max(1, torch.get_num_threads() // args.nproc)
+        return distributed.launch(_fit, args.nproc, (args,), threads=threads)
+    writer = distributed.is_writer()
     fit_func = get_model(args.model)
     if args.first_option and not fit_func.categorical:
         raise ValueError(f"--first-option shifts option codes, and {args.model} has no option-code fields "
@@ -146,13 +155,13 @@ def _fit(args: argparse.Namespace) -> int:
     try:
         model.fit(verbose=0 if args.quiet else 1, options=options)
     except BaseException:  # an error in the model, Ctrl-C: keep the last completed iteration, then stop
-        if model.result is not None:
+        if model.result is not None and writer:
             _write_outputs(model, out, summary_path)
             print(f"torchem: the fit did not finish; its last completed iteration is written to {out} and "
                   f"{summary_path} (marked stopped)", file=sys.stderr)
         raise
     # the fit is done: write what it found before anything else can fail
-    s = _write_outputs(model, out, summary_path)
+    s = _write_outputs(model, out, summary_path) if writer else _summary(model)
     status = 0
     try:
         _add_bicint(model, s, args.nsamples, args.seed)
@@ -161,6 +170,8 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"torchem: error: the integrated BIC failed ({s['BICint_error']}); the fit's outputs are written",
               file=sys.stderr)
         status = 1
+    if not writer:
+        return status
     _write_summary(s, summary_path)
     _print_summary(s, time.perf_counter() - start)
     print(f"per-subject parameters written to {out}")
@@ -252,6 +263,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip: a missing (empty/NaN) choice marks a missed trial, skipped in the likelihood in its "
                         "place (models that define skipped trials)")
     f.add_argument("--mask", help="column that is 1 on trials to use and 0 on missed trials to skip")
+    f.add_argument("--nproc", type=_positive, default=1,
+                   help="local processes the fit is spread over (torch.distributed: gloo on the CPU, NCCL with "
+                        "--device cuda, one GPU each); rank 0 writes the outputs")
     add_arguments(f)
     f.add_argument("--out", help="per-subject table (CSV; default <data>_<model>_params.csv); parent folders "
                                  "are created")

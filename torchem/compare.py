@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import evidence, plotting
+from . import distributed, evidence, plotting
 from .api import EMModel
 from .crossval import CVResult, compare_cv
 
@@ -237,6 +237,11 @@ class ModelComparison:
             ``pseudoR2`` over rounds and the rounds won ``bestlme``,
             ``bestbic``, ``bestR2``.  The per-round scores are kept in
             ``identify_rounds``.
+
+        Under a process group (``torchrun``) the data sets (one per round and
+        simulating model) are spread over the ranks and fitted in one process
+        each; every rank returns the whole table.  A model without data adopts
+        the last round's fit on the rank that ran it.
         """
         for m in self.models:
             if m.simulate_func is None:
@@ -245,8 +250,12 @@ class ModelComparison:
         r2 = dict(r2_kwargs or {})
         rng = np.random.default_rng(seed)
         rows, own = [], {}
-        for rnd in tqdm(range(nrounds), desc="identify", disable=not verbose):
-            for sim_name, sim_model in zip(self.names, self.models):
+        # under a process group the data sets (round x simulating model) are spread over the ranks, each fitted in
+        # one process; every rank draws every data set's parameters and seed, so each data set is the same
+        ctx = distributed.context(self.models[0].device)
+        rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world_size)
+        for rnd in tqdm(range(nrounds), desc="identify", disable=not verbose or rank != 0):
+            for k, (sim_name, sim_model) in enumerate(zip(self.names, self.models)):
                 sampler = (param_samplers or {}).get(sim_name)
                 if sampler is not None:
                     natural = np.asarray(sampler(rng, nsubjects), dtype=float)
@@ -254,6 +263,8 @@ class ModelComparison:
                     norm = rng.standard_normal((nsubjects, sim_model.model.n_params))
                     natural = sim_model.model.to_natural(torch.as_tensor(norm)).numpy()
                 sim_seed = int(rng.integers(2**31))
+                if (rnd * len(self.models) + k) % world != rank:
+                    continue
                 kwargs = dict(sim_kwargs or {})
                 if "seed" in inspect.signature(sim_model.simulate_func).parameters:
                     kwargs["seed"] = sim_seed
@@ -264,11 +275,16 @@ class ModelComparison:
                 for est_name, est_model in zip(self.names, self.models):
                     twin = est_model.with_data(batch if batch is not None else all_data, input_names=keys)
                     batch = twin.batch  # validated and on the device: shared by the other fits
-                    twin.fit(**{"verbose": 0, "seed": sim_seed, **(fit_kwargs or {})})
-                    score = _score(twin, bic, int(r2.get("noptions", 2)), r2.get("metric", "median"))
+                    with distributed.local():
+                        twin.fit(**{"verbose": 0, "seed": sim_seed, **(fit_kwargs or {})})
+                        score = _score(twin, bic, int(r2.get("noptions", 2)), r2.get("metric", "median"))
                     if est_name == sim_name:
                         own[sim_name] = twin
                     rows.append({"round": rnd, "Simulated": sim_name, "Estimated": est_name, **score})
+        if ctx is not None:  # every rank's rows, in the order of one process
+            order = {(n, e): i for i, (n, e) in enumerate((a, b) for a in self.names for b in self.names)}
+            rows = sorted((r for part in ctx.all_gather_object(rows) for r in part),
+                          key=lambda r: (r["round"], order[(r["Simulated"], r["Estimated"])]))
         per_round = pd.DataFrame(rows)
         grp = per_round.groupby(["round", "Simulated"])
         per_round["bestlme"] = per_round["LME"] == grp["LME"].transform("max")

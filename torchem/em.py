@@ -23,13 +23,18 @@ rejection.  The E-step there is kept only if the summed Laplace log evidence
 is not below its value at ``a`` (the monotonicity safeguard); otherwise EM
 goes on from ``c``.  Every E-step counts towards
 ``mstep_maxit``.  The fixed point is the one plain EM reaches.
+
+Under a process group (:mod:`torchem.distributed`) each rank runs the E-steps
+of its contiguous shard of subjects, and the shards' moments are all-gathered
+in subject order before the M-step, so every rank runs the same M-step and
+stopping rule on the moments of all subjects.
 """
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -37,6 +42,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .convergence import EMStep, GroupRule, group_change, make_rule
 from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
@@ -364,8 +370,8 @@ class EMRun:
                  callback: Callable[[IterationState], Any] | None = None,
                  device: str | torch.device | None = None) -> None:
         self.device = batch.device if device is None else torch.device(device)
-        if options.pin_data:  # the data stay in (pinned) host memory; E-step chunks are copied to the device
-            batch = batch.pin_memory()
+        if options.pin_data:  # the E-steps' data stay in (pinned) host memory; chunks are copied to the device
+            batch = batch.to("cpu")
         elif batch.device != self.device:
             batch = batch.to(self.device)
         self.model, self.batch, self.opts = model, batch, options
@@ -388,12 +394,26 @@ class EMRun:
         x0 = 0.1 * torch.randn(S, P, generator=self.generator, dtype=self.dtype).to(self.device)
         if start is not None:
             x0 = self.prior.start(S, self.generator)
-        self.laplace = LaplaceEStep(model, batch, x0, generator=self.generator, max_restarts=options.max_restarts,
+        # under a process group this rank runs the E-steps of its contiguous shard of subjects only
+        self.dist = distributed.context(self.device)
+        if self.dist is not None and S < self.dist.world_size:
+            raise ValueError(f"{S} subject(s) cannot be shared by {self.dist.world_size} ranks: use at most {S} "
+                             "processes, or fit inside torchem.distributed.local()")
+        lo, hi = (0, S) if self.dist is None else self.dist.shard(S)
+        shard = batch if self.dist is None else batch.index(torch.arange(lo, hi))
+        if options.pin_data:
+            shard = shard.pin_memory()
+            if self.dist is None:
+                self.batch = shard
+        self.laplace = LaplaceEStep(model, shard, x0, generator=self.generator, max_restarts=options.max_restarts,
                                     estep_maxit=options.estep_maxit, gtol=options.gtol,
                                     hessian_chunk=options.hessian_chunk, laplace_cap=options.laplace_cap,
-                                    variational=options.variational, host=options.pin_data)
-        self.all_idx = torch.arange(S, device=self.device)
-        self.chunk_size = (auto_chunk_size(batch, P, self.dtype, device=self.device) if options.chunk_size == "auto"
+                                    variational=options.variational, first=lo, host=options.pin_data)
+        self.all_idx = torch.arange(lo, hi, device=self.device)
+        self.writer = self.dist is None or self.dist.rank == 0  # prints, warns, shows progress, writes files
+        if not self.writer:
+            self.verbose = 0
+        self.chunk_size = (auto_chunk_size(shard, P, self.dtype, device=self.device) if options.chunk_size == "auto"
                            else options.chunk_size)
         self.rows: list[dict] = []
         self.warnings: list[str] = []
@@ -411,8 +431,51 @@ class EMRun:
         """E-step of every subject under ``prior`` (counted towards ``mstep_maxit``)."""
         self.laplace.step = len(self.rows)  # seeds the restarts' draws of this E-step
         if importance is not None:
-            return run_in_chunks(lambda idx: importance.run(idx, prior, nsamples), self.all_idx, self.chunk_size)
-        return run_in_chunks(lambda idx: self.laplace.run(idx, prior), self.all_idx, self.chunk_size)
+            run = lambda idx: importance.run(idx, prior, nsamples)  # noqa: E731
+        else:
+            run = lambda idx: self.laplace.run(idx, prior)  # noqa: E731
+        if self.dist is None:
+            return run_in_chunks(run, self.all_idx, self.chunk_size)
+        return self._gather_moments(self._guarded(lambda: run_in_chunks(run, self.all_idx, self.chunk_size)))
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on every rank; if it raises on any rank, every rank raises (none waits for a collective)."""
+        error = None
+        try:
+            out = work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = err
+        if self.dist.all_reduce_max(int(error is not None)):
+            if error is not None:
+                raise error
+            raise RuntimeError("the E-step failed on another rank of the process group (see its error)")
+        return out
+
+    def _gather_moments(self, post: PosteriorMoments) -> PosteriorMoments:
+        """Every rank's shard of ``post`` joined in subject order (identical on every rank)."""
+        names = [f.name for f in fields(PosteriorMoments) if f.name not in ("importance", "index")]
+        alias, send = {}, []
+        for n in names:  # a field that is another field's tensor (Laplace: m is x, V is inv_h) travels once
+            same = next((k for k in send if getattr(post, k) is getattr(post, n)), None)
+            if same is None:
+                send.append(n)
+            else:
+                alias[n] = same
+        tensors = [getattr(post, n) for n in send]
+        imp_names = [f.name for f in fields(ImportanceResult)] if post.importance is not None else []
+        tensors += [getattr(post.importance, n) for n in imp_names]
+        S = self.batch.n_subjects
+        full = dict(zip(send + [f"imp.{n}" for n in imp_names], self.dist.gather(tensors, S)))
+        for n, src in alias.items():
+            full[n] = full[src]
+        imp = (ImportanceResult(**{n: full.pop(f"imp.{n}") for n in imp_names}) if imp_names else None)
+        return PosteriorMoments(index=torch.arange(S, device=self.device), importance=imp, **full)
+
+    def _all_subjects(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of every subject of a per-subject tensor whose shard rows this rank filled."""
+        if self.dist is None:
+            return t
+        return self.dist.gather([t[self.all_idx]], self.batch.n_subjects)[0]
 
     def mstep(self, post: PosteriorMoments, current: Prior) -> Prior:
         """The family re-estimated from ``post``; an invalid M-step keeps ``current`` (with a warning)."""
@@ -443,8 +506,8 @@ class EMRun:
         flat = (group.spread.diagonal() <= 1e-6).nonzero().squeeze(1)
         if flat.numel() == 0:
             return group
-        g = lik[1][:, flat].sum(0)
-        h = lik[2][:, flat, flat].sum(0)
+        g = self._all_subjects(lik[1][:, flat]).sum(0)
+        h = self._all_subjects(lik[2][:, flat, flat]).sum(0)
         step = torch.where(h > 0, g / h.clamp_min(1e-300), torch.zeros_like(g)).clamp(-1.0, 1.0)
         v = group.to_vector().clone()
         v[flat] = v[flat] - step
@@ -471,7 +534,19 @@ class EMRun:
         if self.callback is not None:
             state = IterationState(row["iteration"], self.opts.mstep_maxit, row["NPL"], group.mean.cpu().numpy(),
                                    group.var.cpu().numpy(), row["estep_failed"], row["hessian_bad"], self.converged)
-            if self.callback(state) is False and not self.converged:
+            stop, error = None, None
+            if self.writer:
+                try:
+                    stop = self.callback(state) is False
+                except BaseException as err:  # re-raised below, after telling the other ranks
+                    stop, error = "raised", err
+            if self.dist is not None:  # rank 0's callback decides for every rank
+                stop = self.dist.broadcast_object(stop)
+            if error is not None:
+                raise error
+            if stop == "raised":
+                raise RuntimeError("the callback raised on rank 0 of the process group")
+            if stop and not self.converged:
                 self.stopped = True
                 self.stop_reason = f"stopped by the callback after E-step {row['iteration']}"
                 return False
@@ -482,7 +557,8 @@ class EMRun:
 
     def _warn(self, text: str) -> None:
         self.warnings.append(text)
-        warnings.warn(text, RuntimeWarning, stacklevel=5)
+        if self.writer:
+            warnings.warn(text, RuntimeWarning, stacklevel=5)
 
     # ------------------------------------------------------------ phases
     def _laplace_phase(self) -> None:
@@ -569,7 +645,13 @@ class EMRun:
         _, group, prior = self.last
         if not all(isinstance(g, GroupFamily) for g in (state.a, state.b, group, prior)):
             return False
-        save_checkpoint(self, state, self.opts.checkpoint)
+        if self.dist is not None:  # every rank joins the E-step state of all subjects; rank 0 writes it
+            lap = self.laplace
+            full = self.dist.gather([t[self.all_idx] for t in (lap.x, lap.v, lap.has_lik, *lap.lik)],
+                                    self.batch.n_subjects)
+            lap.x, lap.v, lap.has_lik, lap.lik = full[0], full[1], full[2], tuple(full[3:])
+        if self.writer:
+            save_checkpoint(self, state, self.opts.checkpoint)
         return True
 
     def _collapse_probe(self, a: GroupFamily, b: GroupFamily, c: GroupFamily, post_b: PosteriorMoments):
@@ -652,7 +734,8 @@ class EMRun:
         user_set = (current != _TORCH_THREADS or any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")))
         if self.device.type != "cpu" or user_set:
             return current
-        chunk = self.batch.n_subjects if self.chunk_size is None else min(self.chunk_size, self.batch.n_subjects)
+        n = self.laplace.batch.n_subjects  # this rank's subjects
+        chunk = n if self.chunk_size is None else min(self.chunk_size, n)
         cells = chunk * int(self.batch.mask[0].numel())
         # measured on 2 shared cores: a 100- or 1,000-subject fit (96 trials) ran 3-14x faster on one thread than on
         # two while other processes used the cores (benchmarks/bench_threads.py)

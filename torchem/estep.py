@@ -25,7 +25,7 @@ import torch
 
 from .curvature import batched_hessian, cap_posterior_width, invert_pd
 from .data import SubjectBatch
-from .importance import ImportanceResult, importance_sample, pairs_per_call
+from .importance import ImportanceResult, block_draws, importance_sample, pairs_per_call
 from .model import Model
 from .optim import minimize
 from .priors import Prior
@@ -94,21 +94,22 @@ class PosteriorMoments:
 
 
 def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
-                      subjects: torch.Tensor | None = None, host: bool = False) -> Callable:
+                      subjects: torch.Tensor | None = None, first: int = 0, host: bool = False) -> Callable:
     """``fun(x, idx)``: negative log posterior of problems ``idx`` at ``x`` ``(n, P)``.
 
-    Problem ``k`` is subject ``subjects[k]`` (all subjects in order when ``subjects`` is ``None``).
+    Problem ``k`` is subject ``subjects[k]`` (all subjects in order when ``subjects`` is ``None``);
+    row ``r`` of ``batch`` holds subject ``first + r`` (a rank's shard starts at ``first``).
     ``host``: ``batch`` is held in (pinned) host memory and the subjects' rows are copied once to the
     device of ``subjects`` (:meth:`~torchem.data.SubjectBatch.rows_to`).
     """
     data, mask, S = batch.data, batch.mask, batch.n_subjects
     if subjects is None:
-        subjects = torch.arange(S, device=mask.device)
-    n = subjects.numel()
+        subjects = torch.arange(first, first + S, device=mask.device)
+    n, rows = subjects.numel(), subjects - first if first else subjects
     if host:
-        data, mask = batch.rows_to(subjects, subjects.device)
-    elif not (n == S and bool((subjects == torch.arange(S, device=mask.device)).all())):
-        data, mask = tuple(d[subjects] for d in data), mask[subjects]  # a chunk's data, gathered once
+        data, mask = batch.rows_to(rows, subjects.device)
+    elif not (n == S and bool((rows == torch.arange(S, device=mask.device)).all())):
+        data, mask = tuple(d[rows] for d in data), mask[rows]  # a chunk's data, gathered once
 
     def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         subj = subjects[idx]
@@ -176,6 +177,8 @@ class LaplaceEStep:
     generator : torch.Generator
         CPU generator of the base seed of the restarts' draws (see :func:`restart_draws`; ``step``, the
         E-step number, is set by the caller).
+    first : int
+        Subject number of the batch's first row (a rank's shard; ``x0`` and the indices are of all subjects).
 
     The likelihood's value, gradient and Hessian at a subject's last MAP do
     not depend on the prior, so the next call starts that subject with an
@@ -184,8 +187,9 @@ class LaplaceEStep:
 
     def __init__(self, model: Model, batch: SubjectBatch, x0: torch.Tensor, *, generator: torch.Generator,
                  max_restarts: int = 2, estep_maxit: int = 200, gtol: float = 1e-5, hessian_chunk: int = 20000,
-                 laplace_cap: float = 4.0, variational: bool = True, host: bool = False) -> None:
-        self.model, self.batch, self.host = model, batch, host
+                 laplace_cap: float = 4.0, variational: bool = True, first: int = 0,
+                 host: bool = False) -> None:
+        self.model, self.batch, self.first, self.host = model, batch, first, host
         self.restart_seed, self.step = int(torch.randint(0, 2**62, (1,), generator=generator)), 0
         self.x = x0.clone()
         S, P = x0.shape
@@ -204,7 +208,9 @@ class LaplaceEStep:
         if not self.variational:
             return prior
         if self._local is None or self._local[0] is not prior or self._local[1] != self.step:
-            have = self.v is not None and bool(self.has_lik.all())
+            # the subjects of this batch (a rank's shard: the rows of other ranks' subjects are not used)
+            mine = self.has_lik[self.first:self.first + self.batch.n_subjects]
+            have = self.v is not None and bool(mine.all())
             self._local = (prior, self.step, prior.local(self.x if have else None, self.v if have else None))
         return self._local[2]
 
@@ -227,7 +233,7 @@ class LaplaceEStep:
         differs.
         """
         target, prior = prior, self.local_prior(prior)
-        fun = neg_log_posterior(self.model, self.batch, prior, idx, self.host)
+        fun = neg_log_posterior(self.model, self.batch, prior, idx, self.first, self.host)
 
         def draw(problems: torch.Tensor, round: int) -> torch.Tensor:
             return restart_draws(prior, idx[problems], self.restart_seed, self.step, round)
@@ -239,7 +245,7 @@ class LaplaceEStep:
             first = int(idx[(~usable).nonzero()[0]])
             raise RuntimeError(
                 f"{int((~usable).sum())} subject(s) have a non-finite objective at every start "
-                f"(first: {self.batch.subject_ids[first]!r}); check the model and data")
+                f"(first: {self.batch.subject_ids[first - self.first]!r}); check the model and data")
         n, c = idx.numel(), self.hessian_chunk
         local = torch.arange(n, device=idx.device)
         H = torch.cat([batched_hessian(lambda z, lo=lo: fun(z, local[lo:lo + c]), x[lo:lo + c])
@@ -291,25 +297,31 @@ class ImportanceEStep:
     def run(self, idx: torch.Tensor, prior: Prior, nsamples: int | None = None) -> PosteriorMoments:
         """Importance moments of the subjects ``idx`` under ``prior`` (``nsamples`` overrides the default)."""
         post = self.laplace.run(idx, prior)
-        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx, self.laplace.host)
+        fun = neg_log_posterior(self.laplace.model, self.laplace.batch, prior, idx, self.laplace.first,
+                                self.laplace.host)
         n = self.nsamples if nsamples is None else nsamples
-        # a chunk's draws are seeded by its first subject, so that chunks do not share draws
-        seed = self.seed + (n != self.nsamples) + 7919 * int(idx[0])
-        isr = importance_draws(fun, post.x, post.inv_h, n, seed, self.proposal_df, self.min_ess, self.chunk)
+        # a subject's draws depend on the seed and the subject only (not on its chunk or rank)
+        seed = self.seed + (n != self.nsamples)
+        isr = importance_draws(fun, post.x, post.inv_h, n, seed, self.proposal_df, self.min_ess, self.chunk, idx)
         post.m, post.V, post.log_evidence, post.importance = isr.mean, isr.cov, isr.log_evidence, isr
         return post
 
 
 def importance_draws(fun: Callable, x: torch.Tensor, inv_h: torch.Tensor, nsamples: int, seed: int,
-                     df: float, min_ess: float, chunk: int) -> ImportanceResult:
-    """Importance moments of every problem's posterior ``exp(-fun)``; low-ESS problems are redrawn with 4x the samples."""
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, gen, df=df, chunk=chunk)
+                     df: float, min_ess: float, chunk: int, subjects: torch.Tensor | None = None) -> ImportanceResult:
+    """Importance moments of every problem's posterior ``exp(-fun)``; low-ESS problems are redrawn with 4x the samples.
+
+    Problem ``k`` is subject ``subjects[k]`` (default ``k``); its draws depend only on ``seed`` and the subject
+    (:func:`~torchem.importance.block_draws`; the redraws from a second stream).
+    """
+    if subjects is None:
+        subjects = torch.arange(x.shape[0])
+    res = importance_sample(lambda th, i: -fun(th, i), x, inv_h, nsamples, block_draws(seed, subjects),
+                            df=df, chunk=chunk)
     low = (res.ess < min_ess).nonzero().squeeze(1)
     if low.numel():
-        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples, gen,
-                                 df=df, chunk=chunk)
+        more = importance_sample(lambda th, i: -fun(th, low[i]), x[low], inv_h[low], 4 * nsamples,
+                                 block_draws(seed, subjects[low.to(subjects.device)], stream=1), df=df, chunk=chunk)
         for name in ("mean", "cov", "log_evidence", "log_evidence_se", "ess", "nsamples"):
             getattr(res, name)[low] = getattr(more, name)
     return res

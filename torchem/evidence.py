@@ -43,6 +43,7 @@ def integrated_log_likelihood(
     n_subjects: int,
     nsamples: int,
     chunk: int,
+    subjects: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``log (1/n) sum_k p(D_i | theta_k)`` per subject, ``theta_k`` drawn from the group.
 
@@ -57,16 +58,23 @@ def integrated_log_likelihood(
         ``S`` and the number of draws per subject.
     chunk : int
         Subject-draw pairs evaluated per batched call (bounds memory).
+    subjects : (int, int), optional
+        Only the subjects ``lo <= i < hi`` (a rank's shard): all draws are made, so each subject's
+        draws are those of the whole computation, and only the shard's are evaluated.
 
     Returns
     -------
     Tensor
-        ``(S,)``.  All ``S * nsamples`` pairs are evaluated in batched calls of
-        up to ``chunk`` rows; the log-mean-exp is exact in floating point.
+        ``(S,)``, or ``(hi - lo,)`` with ``subjects``.  All ``S * nsamples`` pairs are evaluated in
+        batched calls of up to ``chunk`` rows; the log-mean-exp is exact in floating point.
     """
     theta = sample(n_subjects * nsamples)
     device = theta.device
-    idx = torch.arange(n_subjects, device=device).repeat(nsamples)  # row r: subject r % S, draw r // S
+    lo, hi = (0, n_subjects) if subjects is None else subjects
+    if (lo, hi) != (0, n_subjects):
+        theta = theta.reshape(nsamples, n_subjects, -1)[:, lo:hi].reshape(nsamples * (hi - lo), -1)
+    idx = torch.arange(lo, hi, device=device).repeat(nsamples)  # row r: subject lo + r % s, draw r // s
+    n_subjects = hi - lo
     with torch.no_grad():
         nll = torch.cat([nll_fn(theta[lo:lo + chunk], idx[lo:lo + chunk])
                          for lo in range(0, theta.shape[0], chunk)])

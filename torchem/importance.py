@@ -30,7 +30,8 @@ import torch
 
 from .priors import chi2_draws
 
-__all__ = ["ImportanceResult", "importance_sample", "weighted_draws", "evaluate_pairs", "pairs_per_call"]
+__all__ = ["ImportanceResult", "importance_sample", "weighted_draws", "block_draws", "evaluate_pairs",
+           "pairs_per_call"]
 
 
 def pairs_per_call(trial_cells: int, device: torch.device) -> int:
@@ -75,12 +76,40 @@ def _draw(n: int, S: int, P: int, df: float, generator: torch.Generator, dtype: 
     return z.to(device), (df / u).sqrt().to(device)
 
 
+#: Subjects per block of :func:`block_draws` (one generator per block).
+DRAW_BLOCK = 64
+
+
+def block_draws(seed: int, subjects: torch.Tensor, block: int = DRAW_BLOCK, stream: int = 0) -> Callable:
+    """A draw function (see :func:`weighted_draws`) whose draws of subject ``i`` depend only on ``seed`` and ``i``.
+
+    Subjects are taken in blocks of ``block`` consecutive subject numbers; each block has its own generator,
+    seeded by ``(seed, stream, block number)``, and its draws are made for the whole block and then taken for the
+    ``subjects`` ``(S,)`` present.  So a subject's draws are the same whichever chunk or rank computes it.
+    """
+    subj = subjects.detach().cpu().long()
+
+    def draw(n: int, S: int, P: int, df: float, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        z, scale = torch.empty(n, S, P, dtype=dtype), torch.empty(n, S, dtype=dtype)
+        blocks = subj // block
+        for b in torch.unique(blocks).tolist():
+            cols = (blocks == b).nonzero().squeeze(1)
+            gen = torch.Generator()
+            gen.manual_seed(hash((int(seed), int(stream), b)) & (2**63 - 1))
+            zb, sb = _draw(n, block, P, df, gen, dtype, torch.device("cpu"))
+            z[:, cols], scale[:, cols] = zb[:, subj[cols] - b * block], sb[:, subj[cols] - b * block]
+        return z.to(device), scale.to(device)
+
+    return draw
+
+
 def weighted_draws(
     log_post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     m: torch.Tensor,
     cov: torch.Tensor,
     nsamples: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Callable,
     *,
     df: float = 5.0,
     chunk: int = 200_000,
@@ -98,8 +127,9 @@ def weighted_draws(
         ``(S, P, P)`` positive definite proposal scales (inverse Hessians).
     nsamples : int
         Draws per subject.
-    generator : torch.Generator
-        CPU generator for the draws; reseed it to repeat them exactly.
+    generator : torch.Generator or callable
+        CPU generator for the draws (reseed it to repeat them exactly), or a draw function
+        ``(n, S, P, df, dtype, device) -> (z (n, S, P), sqrt(df / u) (n, S))`` such as :func:`block_draws`.
     df : float
         Degrees of freedom of the proposal (heavier tails for smaller values).
     chunk : int
@@ -115,7 +145,10 @@ def weighted_draws(
     """
     S, P = m.shape
     dtype, device = m.dtype, m.device
-    z, scale = _draw(nsamples, S, P, df, generator, dtype, device)
+    if isinstance(generator, torch.Generator):
+        z, scale = _draw(nsamples, S, P, df, generator, dtype, device)
+    else:
+        z, scale = generator(nsamples, S, P, df, dtype, device)
     chol = torch.linalg.cholesky(cov)  # (S, P, P)
     step = torch.einsum("spq,nsq->nsp", chol, z) * scale[..., None]
     theta = m + step  # (n, S, P)
@@ -149,7 +182,7 @@ def importance_sample(
     m: torch.Tensor,
     cov: torch.Tensor,
     nsamples: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Callable,
     *,
     df: float = 5.0,
     chunk: int = 200_000,
