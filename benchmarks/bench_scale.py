@@ -283,8 +283,11 @@ def gloo_rows(args: argparse.Namespace) -> list[str]:
     except ImportError as err:
         return [f"--gloo: benchmarks/bench_distributed.py with compare_ranks() is not available here ({err}); "
                 "the 2-vs-1-process row needs the distributed fits"]
-    out = compare_ranks(args.gloo_subjects, nprocs=(1, 2))
-    return [str(out)] if not isinstance(out, list) else [str(r) for r in out]
+    out = compare_ranks(args.gloo_subjects, nprocs=(1, 2), device=args.device, dtype=args.dtype)
+    return [f"{args.gloo_subjects:,} subjects in {k} process(es): {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s "
+            f"CPU of rank 0, {r['subjects_per_s']:,.0f} subjects/s, {r['n_iter']} EM iterations, converged "
+            f"{r['converged']}, load {float(r['load']):.1f}, largest difference from 1 process {r['max_abs_diff']:.1e}"
+            for k, r in out.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
