@@ -826,12 +826,14 @@ class EMRun:
         return FitResult(
             m=post.x, inv_h=post.inv_h, group=group, NPL=post.npl, NLPrior=post.nlprior,
             NLL=post.npl - post.nlprior, hess_logdet=post.logdet, hessian_ok=post.hessian_ok,
-            laplace_capped=post.capped, status=post.status, n_obs=self.batch.n_obs.to(self.device), convergence=self.converged,
+            laplace_capped=post.capped, status=post.status, n_obs=self.batch.n_obs.to(self.device),
+            convergence=self.converged,
             n_iter=len(self.rows), history=pd.DataFrame(self.rows), param_names=list(self.model.param_names),
             subject_ids=list(self.batch.subject_ids), param_xform=list(self.model.param_xform),
             stop_reason=self.stop_reason, warnings=list(self.warnings), options=self.opts, estep=self.estep_kind,
             stopped=self.stopped, importance=post.importance, estep_prior=prior,
-            lme=None if not self.opts.variational or prior.local(None, None) is prior else post.laplace_lme,
+            # the variational bound where the E-steps used a local prior; else it is laplace_lme(NPL, hess_logdet)
+            lme=None if self.laplace.local_prior(prior) is prior else post.laplace_lme,
         )
 
 

@@ -76,8 +76,8 @@ def integrated_log_likelihood(
     idx = torch.arange(lo, hi, device=device).repeat(nsamples)  # row r: subject lo + r % s, draw r // s
     n_subjects = hi - lo
     with torch.no_grad():
-        nll = torch.cat([nll_fn(theta[lo:lo + chunk], idx[lo:lo + chunk])
-                         for lo in range(0, theta.shape[0], chunk)])
+        nll = torch.cat([nll_fn(theta[start:start + chunk], idx[start:start + chunk])
+                         for start in range(0, theta.shape[0], chunk)])
     loglik = -nll.reshape(nsamples, n_subjects)
     return torch.logsumexp(loglik, 0) - math.log(nsamples)
 

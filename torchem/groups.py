@@ -239,6 +239,11 @@ def _folded_abs_dev(d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return s * math.sqrt(2.0 / math.pi) * torch.exp(-0.5 * (d / s) ** 2) + d * torch.erf(d / (s * math.sqrt(2.0)))
 
 
+def _expected_laplace_nlp(d: torch.Tensor, sd: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(s,)`` expected negative log Laplace density (scale ``b``) under ``N(loc + d, sd^2)`` per parameter."""
+    return (_folded_abs_dev(d, sd) / scale + torch.log(2.0 * scale)).sum(-1)
+
+
 def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Rows ``idx`` of a per-subject ``(S, P)`` tensor (all rows for ``None``); a ``(P,)`` tensor as it is."""
     return t if (idx is None or t.dim() == 1) else t[idx]
@@ -314,7 +319,7 @@ class LocalPrior(Prior):
     def neg_log_prior(self, x, idx=None):
         d, w = self._parts(x, idx)
         if self.kind == "laplace":
-            return (_folded_abs_dev(d, w) / self.scale + torch.log(2.0 * self.scale)).sum(-1)
+            return _expected_laplace_nlp(d, w, self.scale)
         s2 = self.scale ** 2
         return (0.5 * w * d * d / s2 + 0.5 * torch.log(2.0 * math.pi * s2 / w)).sum(-1)
 
@@ -382,7 +387,7 @@ class LaplaceGroup(LaplacePrior, _LocationScale):
 
     def expected_neg_log_prior(self, m, v, idx=None, loc=None):
         d = m - (self.loc if loc is None else _rows(loc, idx))
-        return (_folded_abs_dev(d, v.clamp_min(0.0).sqrt()) / self.scale + torch.log(2.0 * self.scale)).sum(-1)
+        return _expected_laplace_nlp(d, v.clamp_min(0.0).sqrt(), self.scale)
 
     def mstep(self, m, V, weights=None):
         w = _weights(m, weights)[:, None]

@@ -57,6 +57,11 @@ def _group_table(res, natural: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _warning_html(text: str) -> str:
+    """One warning line of the results summary."""
+    return f"<span class='torchem-warning' style='color:#a65e00'>warning: {html.escape(text)}</span>"
+
+
 def _download_link(df: pd.DataFrame, filename: str) -> str:
     """An HTML link that downloads ``df`` as a CSV file (a data URI: works in Jupyter, JupyterLab and Voila)."""
     payload = base64.b64encode(df.to_csv().encode()).decode("ascii")
@@ -454,14 +459,13 @@ class FitDashboard(W.VBox):
             lines.append(f"non-PD Hessians {self.summary['hessian_bad']}, "
                          f"E-step failures {self.summary['estep_failed']}")
         for w in warnings:
-            lines.append(f"<span class='torchem-warning' style='color:#a65e00'>warning: {html.escape(w)}</span>")
+            lines.append(_warning_html(w))
         lines.append(_TABLE_CSS + "<b>Group</b>" + self.group_table.to_html(
             classes="torchem-group", float_format=lambda v: f"{v:.4f}", border=0))
         if self.comparison_df is not None:
             lines.append(_TABLE_CSS + "<b>Model comparison</b>" + self.comparison_df.to_html(
                 classes="torchem-comparison", float_format=lambda v: f"{v:.3f}", border=0))
-            for w in self.comparison_df.attrs.get("warnings", []):
-                lines.append(f"<span class='torchem-warning' style='color:#a65e00'>warning: {html.escape(w)}</span>")
+            lines.extend(_warning_html(w) for w in self.comparison_df.attrs.get("warnings", []))
         self.results_summary.value = "<br>".join(lines)
         self.download.value = _download_link(df, f"{name}_subjects.csv")
         shown = df.head(self.max_table_rows)
