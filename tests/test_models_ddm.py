@@ -14,6 +14,7 @@ import torch
 from conftest import assert_padding_ignored_and_hessian_exact
 from torchem import EMModel, SubjectBatch
 from torchem.cli import main as cli_main
+from torchem import curvature
 from torchem.curvature import batched_hessian
 from torchem.models import MODELS
 from torchem.models import ddm as D
@@ -309,6 +310,21 @@ def test_chain_rule_derivatives_equal_autograd(name, dtype):
     assert float(((H - H_ref).abs() / scale).max()) < tol
     assert float(((grads[0] - grads[1]).abs() / (1.0 + grads[1].abs())).max()) < tol
     assert torch.isfinite(H).all() and H.dtype == dtype
+    # batched_hessian's forward pass takes value, gradient and Hessian from one chain-rule pass: the same numbers
+    # as the value and gradient alone and as the Hessian a plain double backward computes lazily
+    token = curvature._HESSIAN_PASS.set(True)
+    try:
+        z = x.clone().requires_grad_(True)
+        f_pass = own(z)
+        g_pass = torch.autograd.grad(f_pass.sum(), z)[0]
+    finally:
+        curvature._HESSIAN_PASS.reset(token)
+    torch.testing.assert_close(f_pass.detach(), own(x), rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    assert float(((g_pass - grads[0]).abs() / (1.0 + grads[0].abs())).max()) < tol / 100
+    z = x.clone().requires_grad_(True)
+    g = torch.autograd.grad(own(z).sum(), z, create_graph=True)[0]
+    H_lazy = torch.stack([torch.autograd.grad(g[:, j].sum(), z, retain_graph=True)[0] for j in range(P)], -1)
+    torch.testing.assert_close(H, 0.5 * (H_lazy + H_lazy.transpose(1, 2)), rtol=1e-12, atol=0)
 
 def test_responses_before_t0_are_smooth_contaminants():
     fit = MODELS["ddm4"]

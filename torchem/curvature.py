@@ -13,11 +13,25 @@ Plain autograd is used rather than ``torch.func.vjp`` of ``torch.func.grad``
 """
 from __future__ import annotations
 
+import contextvars
 from typing import Callable
 
 import torch
 
-__all__ = ["batched_hessian", "invert_pd", "cap_posterior_width"]
+__all__ = ["batched_hessian", "hessian_pass", "invert_pd", "cap_posterior_width"]
+
+_HESSIAN_PASS = contextvars.ContextVar("torchem_hessian_pass", default=False)
+
+
+def hessian_pass() -> bool:
+    """Whether the model is being evaluated for :func:`batched_hessian` (its forward pass).
+
+    A model that computes its exact Hessian by hand (through an autograd
+    Function, as the DDMs do) can compute it together with the value and the
+    gradient here and hand it to the backward pass, instead of evaluating
+    the value and gradient first and the Hessian in a second pass.
+    """
+    return _HESSIAN_PASS.get()
 
 
 def batched_hessian(fun: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +54,12 @@ def batched_hessian(fun: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     S, P = x.shape
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(fun(xg).sum(), xg, create_graph=True)
+        token = _HESSIAN_PASS.set(True)
+        try:
+            f = fun(xg)
+        finally:
+            _HESSIAN_PASS.reset(token)
+        (g,) = torch.autograd.grad(f.sum(), xg, create_graph=True)
         if not g.requires_grad:  # a gradient that does not depend on x: the Hessian is 0
             return torch.zeros(S, P, P, dtype=x.dtype, device=x.device)
         basis = torch.eye(P, dtype=x.dtype, device=x.device).unsqueeze(1).expand(P, S, P)

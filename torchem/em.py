@@ -47,6 +47,7 @@ from .convergence import EMStep, GroupRule, group_change, make_rule
 from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
 from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
+from .allocator import cpu_heap
 from .checkpoint import load_checkpoint, save_checkpoint
 from .groups import GaussianGroup, GroupFamily, make_group
 from .importance import ImportanceResult
@@ -747,7 +748,8 @@ class EMRun:
         if threads != before:
             torch.set_num_threads(threads)
         try:
-            return self._run()
+            with cpu_heap(self.device.type == "cpu"):
+                return self._run()
         finally:
             if threads != before:
                 torch.set_num_threads(before)

@@ -155,6 +155,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..curvature import hessian_pass
 from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import beta2norm, identity, norm2alpha, norm2beta
 from .common import as_blocks, default_mask, fill_padding, sum_trials
@@ -392,23 +393,32 @@ def _log_f_parts(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, ter
                  order: int):
     """``log f`` (and derivatives up to ``order``) from the series of each element's range and side.
 
-    On the CPU the large-time series runs on all elements (cheap: its
-    exponentials depend on time only, its sines on the start only) and the
-    small-time series only on the elements that need it, each by the form of
-    its side; on a GPU, where masked selections synchronize with the host, by
-    :func:`_log_f_where`.
+    On the CPU each series runs only on the elements that need it, the
+    small-time one by the form of each side; where times and starts lie on
+    different (quadrature) axes the large-time series runs on all of them
+    instead (cheap: its exponentials depend on time only, its sines on the
+    start only).  On a GPU, where masked selections synchronize with the
+    host, by :func:`_log_f_where`.
     """
     if u.device.type != "cpu":
         return _log_f_where(u, y, near_lower, terms, order)
     J_even, J_odd, K = terms
     shape = torch.broadcast_shapes(u.shape, y.shape, near_lower.shape)
     small = u < _U_SWITCH
-    large = _log_f_large(torch.where(small, torch.full_like(u, _U_SWITCH), u), y, near_lower, K, order)
-    out = [x.expand(shape).contiguous() for x in large]
-    small, near = small.expand(shape).reshape(-1), near_lower.expand(shape).reshape(-1)
+    shared = u.shape != shape or y.shape != shape  # times and starts on different axes (quadrature nodes)
+    uu, yy = u.expand(shape).reshape(-1), y.expand(shape).reshape(-1)
+    near = near_lower.expand(shape).reshape(-1)
+    if shared:
+        large = _log_f_large(torch.where(small, torch.full_like(u, _U_SWITCH), u), y, near_lower, K, order)
+        out = [x.expand(shape).contiguous() for x in large]
+    else:  # one (time, start) per element: the large-time series only where it is used
+        out = [torch.empty(shape, dtype=u.dtype, device=u.device) for _ in range((1, 3, 6)[order])]
+        idx = (~small).reshape(-1).nonzero().squeeze(1)
+        for o, part in zip(out, _log_f_large(uu[idx], yy[idx], near[idx], K, order)):
+            o.view(-1)[idx] = part
+    small = small.expand(shape).reshape(-1)
     if not bool(small.any()):
         return tuple(out)
-    uu, yy = u.expand(shape).reshape(-1), y.expand(shape).reshape(-1)
     for side, J in ((True, J_even), (False, J_odd)):
         idx = (small & (near if side else ~near)).nonzero().squeeze(1)
         for o, part in zip(out, _log_f_small(uu[idx], yy[idx], side, J, order)):
@@ -804,7 +814,8 @@ def ddm_trial_logpdf(rt: torch.Tensor, choice: torch.Tensor, v, a, t0, z, sv=Non
 # Exact Hessians by the chain rule
 # ----------------------------------------------------------------------------------------------------
 class _SubjectGrad(torch.autograd.Function):
-    """The gradient of :class:`_SubjectNLL`, computed in its forward pass; its backward brings the Hessian."""
+    """The gradient of :class:`_SubjectNLL`, computed in its forward pass; its backward brings the Hessian
+    (``hessian``: the ``(S, P, P)`` tensor computed with it, or a function of ``x`` that computes it)."""
 
     generate_vmap_rule = True
 
@@ -820,36 +831,42 @@ class _SubjectGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg):
         (x,) = ctx.saved_tensors
-        return (ctx.hessian(x) @ gg.unsqueeze(-1)).squeeze(-1), None, None
+        H = ctx.hessian if isinstance(ctx.hessian, torch.Tensor) else ctx.hessian(x)
+        return (H @ gg.unsqueeze(-1)).squeeze(-1), None, None
 
 
 class _SubjectNLL(torch.autograd.Function):
     """Per-subject negative log-likelihood ``(S,)`` of ``x`` ``(S, P)`` whose derivatives the model supplies:
-    ``value_grad(x) -> (nll (S,), grad (S, P))`` and ``hessian(x) -> (S, P, P)`` (exact).  Autograd and
-    ``torch.func`` then take the gradient from ``value_grad`` and every Hessian-vector product from one
-    ``hessian`` call (third derivatives are not available)."""
+    ``derivs(x, 1) -> (nll (S,), grad (S, P))`` and ``derivs(x, 2) -> (nll, grad, hessian (S, P, P))``
+    (exact).  Autograd and ``torch.func`` then take the gradient from the first and every Hessian-vector
+    product from one Hessian (third derivatives are not available).  In the forward pass of the engine's
+    exact Hessians (:func:`torchem.curvature.hessian_pass`) the Hessian is computed with the value and the
+    gradient, in one pass; elsewhere only when a second derivative is asked for."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, value_grad, hessian):
-        return value_grad(x)
+    def forward(x, derivs):
+        if hessian_pass():
+            return derivs(x, 2)
+        f, g = derivs(x, 1)
+        return f, g, g.new_empty(0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, _, hessian = inputs
-        ctx.mark_non_differentiable(output[1])
+        x, derivs = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.save_for_backward(x, output[1])
-        ctx.hessian = hessian
+        ctx.hessian = output[2] if output[2].numel() else (lambda z: derivs(z, 2)[2])
 
     @staticmethod
-    def backward(ctx, g, unused):
+    def backward(ctx, g, unused_grad, unused_hessian):
         x, grad = ctx.saved_tensors
-        return g.unsqueeze(-1) * _SubjectGrad.apply(x, grad, ctx.hessian), None, None
+        return g.unsqueeze(-1) * _SubjectGrad.apply(x, grad, ctx.hessian), None
 
 
 def _autograd_value_grad(nll: Callable) -> Callable:
-    """``value_grad`` of :class:`_SubjectNLL` by autograd through ``nll(x) -> (S,)``."""
+    """``(nll, grad)`` of :class:`_SubjectNLL` by autograd through ``nll(x) -> (S,)``."""
     def value_grad(x):
         with torch.enable_grad():
             z = x.detach().requires_grad_(True)
@@ -893,8 +910,10 @@ def _node_sum(x: torch.Tensor, keep_t: bool, keep_z: bool) -> torch.Tensor:
     return x.sum(axes, keepdim=True) if axes else x
 
 
-def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, terms) -> torch.Tensor:
-    """Exact ``(S, 7, 7)`` Hessian of the seven-parameter models' negative log-likelihood by the chain rule.
+def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int,
+                  terms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(S,)`` negative log-likelihood of the seven-parameter models, its ``(S, 7)`` gradient and its exact
+    ``(S, 7, 7)`` Hessian by the chain rule.
 
     Per quadrature node the log density ``l`` depends on ``r = (dt, v, a, wn, sv)`` (decision time, drift,
     boundary, start, drift SD) and on the nodes' log weights; ``dt`` and the weights on ``(t0, st)`` (and on
@@ -1057,7 +1076,9 @@ def _ddm7_hessian(x, rt, c_v, upper, m, log_c, shift, n_st: int, n_sz: int, term
     K2 = {j: K1[j] * (2.0 * s[j] - 1.0) for j in nat}
     K2[3] = K1[3] * (zbar - z)
     K2 = torch.cat([torch.zeros_like(a)] + [K2[j] for j in range(1, 7)], 1)
-    return -(K.unsqueeze(-1) * K.unsqueeze(-2) * H + torch.diag_embed(K2 * Gt.sum(-1).T))
+    B = Gt.sum(-1).T  # (S, 7): the log-likelihood's gradient in the natural parameters
+    nll = -((log_c + F.softplus(M + shift, threshold=40.0)) * m).sum(1)
+    return nll, -K * B, -(K.unsqueeze(-1) * K.unsqueeze(-2) * H + torch.diag_embed(K2 * B))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1079,7 +1100,7 @@ _PAIR_INDEX = [[_PAIRS.index((min(i, j), max(i, j))) for j in range(4)] for i in
 
 def _ddm4_terms(x, rt, c_v, upper, m, log_c, shift, terms, order: int):
     """Negative log-likelihood ``(S,)`` of the four-parameter models; with ``order=1`` also its gradient
-    ``(S, 4)``; with ``order=2`` only its Hessian ``(S, 4, 4)``.
+    ``(S, 4)``; with ``order=2`` also its Hessian ``(S, 4, 4)``.
 
     ``x`` ``(S, 4)`` normalized parameters; per trial ``(S, T)``: ``rt``, ``c_v`` (the design's drift
     difference, negated on upper-boundary trials), ``upper`` (bool), ``m`` (mask as 0/1); per subject
@@ -1111,8 +1132,8 @@ def _ddm4_terms(x, rt, c_v, upper, m, log_c, shift, terms, order: int):
     B = (pi.unsqueeze(-1) * h).sum(1)  # (S, 4)
     s_a, s_t = torch.sigmoid(-x[:, 1:2]), torch.sigmoid(2.2 - x[:, 2:3])
     K = torch.cat([torch.ones_like(a), torch.where(a > 1e-6, a * s_a, 0.0), t0 * s_t, z * zbar], 1)  # (S, 4)
+    nll = -((log_c + F.softplus(mix, threshold=40.0)) * m).sum(1)
     if order == 1:
-        nll = -((log_c + F.softplus(mix, threshold=40.0)) * m).sum(1)
         return nll, -K * B
     l_uu, l_uy, l_yy = lf[3], lf[4], lf[5]
     ia2 = 1.0 / a2
@@ -1126,7 +1147,7 @@ def _ddm4_terms(x, rt, c_v, upper, m, log_c, shift, terms, order: int):
     Hq = A + (h * rho.unsqueeze(-1)).transpose(1, 2) @ h
     K2 = torch.cat([torch.zeros_like(a), K[:, 1:2] * (s_a - torch.sigmoid(x[:, 1:2])),
                     K[:, 2:3] * (s_t - torch.sigmoid(x[:, 2:3] - 2.2)), K[:, 3:4] * (zbar - z)], 1)
-    return -(K.unsqueeze(-1) * K.unsqueeze(-2) * Hq + torch.diag_embed(K2 * B))
+    return nll, -K * B, -(K.unsqueeze(-1) * K.unsqueeze(-2) * Hq + torch.diag_embed(K2 * B))
 
 
 def _prepare(rt, choice, dv, mask, p_outlier: float, dtype) -> tuple:
@@ -1147,8 +1168,7 @@ def _ddm4_nll(params, rt, choice, dv, mask, p_outlier: float, err: float) -> tor
     """``(S,)`` negative log-likelihood of ``ddm4``/``ddm4_lotto`` by :func:`_ddm4_terms` (``0 < p_outlier < 1``)."""
     data, terms = _prepare(rt, choice, dv, mask, p_outlier, params.dtype), series_terms(err)
     if torch.is_grad_enabled() and params.requires_grad:
-        return _SubjectNLL.apply(params, lambda x: _ddm4_terms(x, *data, terms, order=1),
-                                 lambda x: _ddm4_terms(x, *data, terms, order=2))[0]
+        return _SubjectNLL.apply(params, lambda x, order: _ddm4_terms(x, *data, terms, order))[0]
     return _ddm4_terms(params, *data, terms, order=0)
 
 
@@ -1256,8 +1276,12 @@ def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, varia
                 return _ddm4_nll(params, rt, choice, dv, mask, p_outlier, err)
             if torch.is_grad_enabled() and params.requires_grad:
                 data = _prepare(rt, choice, dv, mask, p_outlier, params.dtype)
-                return _SubjectNLL.apply(params, _autograd_value_grad(by_autograd),
-                                         lambda x: _ddm7_hessian(x, *data, n_st, n_sz, series_terms(err)))[0]
+                value_grad = _autograd_value_grad(by_autograd)
+
+                def derivs(x, order):
+                    return value_grad(x) if order == 1 else _ddm7_hessian(x, *data, n_st, n_sz, series_terms(err))
+
+                return _SubjectNLL.apply(params, derivs)[0]
         return by_autograd(params, output)
 
     fit.__name__ = fit.__qualname__ = f"{name}_fit"
