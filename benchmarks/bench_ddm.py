@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torchem import EMModel  # noqa: E402
+from torchem.allocator import cpu_heap  # noqa: E402
 from torchem.curvature import batched_hessian  # noqa: E402
 from torchem.models import MODELS  # noqa: E402
 
@@ -165,7 +166,8 @@ def time_it(fn, n: int = 3) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def run(name: str, nsubjects: int, ntrials: int, nb: int, base_maxit: int, seed: int, convergence: str) -> dict:
+def run(name: str, nsubjects: int, ntrials: int, nb: int, base_maxit: int, seed: int, convergence: str,
+        parallel: int) -> dict:
     fit = MODELS[name]
     variability = "sv" in fit.param_names
     rng = np.random.default_rng(seed)
@@ -191,7 +193,7 @@ def run(name: str, nsubjects: int, ntrials: int, nb: int, base_maxit: int, seed:
     t_torch, c_torch = time.perf_counter() - t0, time.process_time() - c0
     est = res.natural_params().numpy()
     r = {n: float(np.corrcoef(true[:, j], est[:, j])[0, 1]) for j, n in enumerate(fit.param_names)}
-    print(f"torchem: {t_torch:.1f} s ({c_torch:.1f} s CPU), {res.n_iter} EM iterations, converged={res.convergence}",
+    print(f"torchem: {_secs(t_torch)} ({_secs(c_torch)} CPU), {res.n_iter} EM iterations, converged={res.convergence}",
           flush=True)
     print("  recovery r: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()), flush=True)
 
@@ -207,12 +209,26 @@ def run(name: str, nsubjects: int, ntrials: int, nb: int, base_maxit: int, seed:
         z = xm.clone().requires_grad_(True)
         torch.autograd.grad(fit(z, *batch.data, mask=batch.mask).sum(), z)
 
-    parts = {"likelihood": time_it(value), "likelihood + gradient": time_it(value_grad),
-             "exact Hessians": time_it(lambda: batched_hessian(lambda z: fit(z, *batch.data, mask=batch.mask), xm), 1)}
+    with cpu_heap():  # as inside a fit
+        parts = {"likelihood": time_it(value), "likelihood + gradient": time_it(value_grad),
+                 "exact Hessians": time_it(lambda: batched_hessian(lambda z: fit(z, *batch.data, mask=batch.mask), xm),
+                                           1)}
     n_hess = res.n_iter + 1
     print("  per call: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items())
           + f"; calls in the fit: {counts['grad']} with gradient (E-steps), {counts['nll']} without, "
           f"about {n_hess} Hessian rounds", flush=True)
+
+    t_par = None
+    if parallel > 1:  # the same fit on `parallel` intra-op threads, against the baseline split over as many cores
+        before = torch.get_num_threads()
+        torch.set_num_threads(parallel)
+        t0 = time.perf_counter()
+        res_par = EMModel(all_data, fit, device="cpu").fit(verbose=0, convergence=convergence, num_threads=parallel)
+        t_par = time.perf_counter() - t0
+        torch.set_num_threads(before)
+        same = float((res_par.m - res.m).abs().max())
+        print(f"torchem on {parallel} threads: {_secs(t_par)}, {res_par.n_iter} EM iterations (MAP means within "
+              f"{same:.1e} of the one-thread fit)", flush=True)
 
     nb = min(nb, nsubjects)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -230,21 +246,26 @@ def run(name: str, nsubjects: int, ntrials: int, nb: int, base_maxit: int, seed:
             "c_torch": c_torch, "c_base": c_base,
             "r": r, "parts": parts, "counts": counts, "n_hess": n_hess, "t_base": t_base, "nb": nb,
             "base_it": base["n_iter"], "base_fev": base["n_fev"], "per": per, "scaled": scaled,
-            "load0": load0, "load1": os.getloadavg()[0]}
+            "load0": load0, "load1": os.getloadavg()[0], "t_par": t_par, "parallel": parallel}
+
+
+def _secs(t: float) -> str:
+    return f"{t:.2f} s" if t < 10 else f"{t:.1f} s"
 
 
 def markdown(rows: list[dict], threads: int, startup: float, sims: dict, convergence: str) -> str:
     lines = ["# Drift-diffusion models: torchem vs a pyEM-style per-subject baseline", "",
              f"- {_dt.date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} CPU cores (shared), "
              f"torch {torch.__version__} ({threads} threads), scipy {scipy.__version__}",
-             f"- OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; one-time torch.func start-up of the "
+             f"- OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; one-time start-up of the first Hessian of the "
              f"process {startup:.1f} s, paid before the timed fits; torchem's EM stopping rule "
              f"convergence={convergence!r}",
              "- the baseline (pyEM's way: every E-step a scipy BFGS per subject from a random start, finite-difference "
              "gradients) is timed on a few subjects x 3 EM iterations; its time per subject and EM iteration is "
              "scaled to all subjects and to torchem's iteration count, so the speed-up is per EM iteration and does "
              "not depend on the stopping rule. One core: torchem on one thread against the baseline on one core; "
-             "two cores: against a perfect split of the baseline over two cores (torchem still on one thread)",
+             "two cores: against a perfect split of the baseline over two cores, torchem on one thread and (`--parallel`) "
+             "on as many threads as the baseline's cores",
              "- exact simulation of 1,000 subjects x 200 trials: "
              + ", ".join(f"{k} {v:.2f} s" for k, v in sims.items()), ""]
     for w in rows:
@@ -253,7 +274,7 @@ def markdown(rows: list[dict], threads: int, startup: float, sims: dict, converg
                   f"- 1-min load average {w['load0']:.1f} at start, {w['load1']:.1f} at end; numpy vs torchem "
                   f"likelihood (pyEM's rule, no contaminant) max |diff| {w['diff']:.1e}", "",
                   "| | value |", "| --- | ---: |",
-                  f"| torchem fit (all subjects) | {w['t_torch']:.1f} s ({w['c_torch']:.1f} s CPU), {res.n_iter} "
+                  f"| torchem fit (all subjects) | {_secs(w['t_torch'])} ({_secs(w['c_torch'])} CPU), {res.n_iter} "
                   f"EM iterations, converged={res.convergence} |",
                   f"| baseline measured | {w['t_base']:.1f} s on {w['nb']} subjects x {w['base_it']} EM iterations "
                   f"({w['base_fev']:,} likelihood calls) |",
@@ -261,6 +282,9 @@ def markdown(rows: list[dict], threads: int, startup: float, sims: dict, converg
                   f"| baseline scaled to {w['S']} subjects x {res.n_iter} iterations, one core | {w['scaled']:.0f} s |",
                   f"| speed-up vs one core | {w['scaled'] / w['t_torch']:.0f}x |",
                   f"| speed-up vs ideal two-core baseline | {w['scaled'] / 2 / w['t_torch']:.0f}x |",
+                  *([f"| torchem fit on {w['parallel']} threads | {_secs(w['t_par'])} |",
+                     f"| speed-up, {w['parallel']} threads vs the baseline split perfectly over {w['parallel']} cores | "
+                     f"{w['scaled'] / w['parallel'] / w['t_par']:.0f}x |"] if w["t_par"] else []),
                   f"| speed-up in CPU time (both measured as process time) | "
                   f"{w['c_base'] / w['t_base'] * w['scaled'] / w['c_torch']:.0f}x |", "",
                   "Where torchem's time goes (one call on all subjects at the MAPs; counts in the fit):", "",
@@ -268,7 +292,7 @@ def markdown(rows: list[dict], threads: int, startup: float, sims: dict, converg
                   f"| likelihood + gradient (E-step L-BFGS) | {w['parts']['likelihood + gradient'] * 1e3:.0f} "
                   f"| {w['counts']['grad']} |",
                   f"| likelihood only | {w['parts']['likelihood'] * 1e3:.0f} | {w['counts']['nll']} |",
-                  f"| exact Hessians (the model's chain rule, through torch.func) | "
+                  f"| value, gradient and exact Hessians (the model's chain rule, one pass) | "
                   f"{w['parts']['exact Hessians'] * 1e3:.0f} | ~{w['n_hess']} |", "",
                   "- recovery r (torchem): " + ", ".join(f"{k} {v:.2f}" for k, v in w["r"].items()), ""]
     return "\n".join(lines)
@@ -284,14 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convergence", default="npl",
                     help="torchem's EM stopping rule (default 'npl', pyEM's rule on the summed NPL, as the baseline's "
                          "pyEM uses; 'lme' keeps ddm7 creeping for hundreds of iterations while sz's variance shrinks)")
+    ap.add_argument("--parallel", type=int, default=2,
+                    help="also fit on this many threads and compare with the baseline split over as many cores "
+                         "(0 or 1: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()  # torch.func's one-time start-up (imports), paid by the first Hessian in a process
+    t0 = time.perf_counter()  # one-time start-up of the first Hessian in a process (autograd's batched backward)
     batched_hessian(lambda z: (z * z).sum(1), torch.zeros(2, 2, dtype=torch.float64))
     startup = time.perf_counter() - t0
-    print(f"one-time torch.func start-up: {startup:.1f} s (not in the fit times)", flush=True)
+    print(f"one-time start-up of the first Hessian: {startup:.1f} s (not in the fit times)", flush=True)
     sims = {}
     for name in ("ddm4", "ddm7"):  # exact first passages, 1,000 subjects x 200 trials
         params = draw_params(name, 1000, np.random.default_rng(args.seed))
@@ -302,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, name in enumerate(n.strip() for n in args.models.split(",")):
         rows.append(run(name, args.subjects, DESIGNS[name][0]["ntrials"], args.baseline_subjects,
-                        args.baseline_maxit, args.seed + 10 * i, args.convergence))
+                        args.baseline_maxit, args.seed + 10 * i, args.convergence, args.parallel))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(rows, args.threads, startup, sims, args.convergence))

@@ -862,6 +862,8 @@ class _SubjectNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, unused_grad, unused_hessian):
         x, grad = ctx.saved_tensors
+        if not torch.is_grad_enabled():  # a plain gradient (no graph for second derivatives)
+            return g.unsqueeze(-1) * grad, None
         return g.unsqueeze(-1) * _SubjectGrad.apply(x, grad, ctx.hessian), None
 
 
