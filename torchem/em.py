@@ -4,7 +4,7 @@ One EM step is four named parts:
 
 1. **E-step** (:mod:`torchem.estep`): every subject's posterior moments
    under the current group distribution (MAP by batched L-BFGS, exact
-   Hessian by ``torch.func``; or importance-sampled moments).
+   Hessian (:mod:`torchem.curvature`); or importance-sampled moments).
 2. **M-step** (:mod:`torchem.groups`): the group family re-estimated from
    those moments.
 3. **Convergence** (:mod:`torchem.convergence`): the stopping rule judges the

@@ -8,7 +8,7 @@ per subject.  It never sees the whole study at once, so a chunk of one device
 and a shard of one process run the same code.
 
 - :class:`LaplaceEStep`: MAP by one batched L-BFGS (warm-started with an
-  exact Newton step from the previous MAP), exact Hessian from ``torch.func``,
+  exact Newton step from the previous MAP), exact Hessian (:func:`~torchem.curvature.batched_hessian`),
   moments ``(MAP, H^-1)``, evidence ``-NPL + P/2 log 2 pi - 1/2 log det H``.
 - :class:`ImportanceEStep`: the Laplace E-step, then importance-sampled
   moments and evidence around each MAP (:mod:`torchem.importance`).
