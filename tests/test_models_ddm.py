@@ -326,6 +326,79 @@ def test_chain_rule_derivatives_equal_autograd(name, dtype):
     H_lazy = torch.stack([torch.autograd.grad(g[:, j].sum(), z, retain_graph=True)[0] for j in range(P)], -1)
     torch.testing.assert_close(H, 0.5 * (H_lazy + H_lazy.transpose(1, 2)), rtol=1e-12, atol=0)
 
+@pytest.mark.parametrize("name", ["ddm4", "ddm4_lotto", "ddm7", "ddm7_lotto"])
+@pytest.mark.parametrize("p_outlier", [0.02, 0.0])
+def test_own_derivatives_for_the_engine_equal_autograd(name, p_outlier):
+    """fit.value_and_grad (four-parameter models) and fit.hessian, which the E-step calls without autograd, equal
+    autograd through every operation; ddm_options passes its options on (p_outlier=0: autograd inside)."""
+    quad = {"n_st": 3, "n_sz": 2} if "7" in name else {}
+    fit = D.ddm_options(MODELS[name], p_outlier=p_outlier, **quad)
+    _, true, sim = sim_data(name, S=5, seed=8, ntrials=30)
+    data = [torch.as_tensor(sim[k]) for k in fit.inputs]
+    mask = torch.ones(data[0].shape, dtype=torch.bool)
+    mask[1, 20:], mask[3, 5:] = False, False
+    x = normalized(fit, true) + 0.1
+    if p_outlier == 0.0:  # every response after t0: the plain Wiener likelihood is finite
+        x[:, 2] = inverse_of(D.t0_xform)(torch.full((5,), 0.05, dtype=torch.float64))
+
+    def reference(z):
+        return fit(z, *data, mask=mask, output="all")["nll"]
+
+    H_ref = batched_hessian(reference, x)
+    H = fit.hessian(x, *data, mask=mask)
+    assert float(((H - H_ref).abs() / H_ref.abs().amax((1, 2), keepdim=True)).max()) < 1e-8
+    assert hasattr(fit, "value_and_grad") == ("4" in name)
+    if "4" in name:
+        z = x.clone().requires_grad_(True)
+        f_ref = reference(z)
+        g_ref = torch.autograd.grad(f_ref.sum(), z)[0]
+        f, g = fit.value_and_grad(x, *data, mask=mask)
+        torch.testing.assert_close(f, f_ref.detach(), rtol=1e-12, atol=1e-10)
+        assert float(((g - g_ref).abs() / (1.0 + g_ref.abs())).max()) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # five EM iterations only
+def test_engine_with_own_derivatives_matches_autograd_fit():
+    """The E-step's L-BFGS and Hessians use a model's own derivatives when it has them: same fit as through
+    autograd (the same likelihood without the attributes)."""
+    fit = MODELS["ddm4"]
+    _, _, sim = sim_data("ddm4", S=6, seed=9, ntrials=60)
+    subjects = [[sim[k][i] for k in fit.inputs] for i in range(6)]
+
+    def plain(params, *data, mask=None, output="nll"):
+        return fit(params, *data, mask=mask, output=output)
+
+    for k in ("param_names", "param_xform", "inputs", "check_data", "simulate", "params_for_data", "responses",
+              "categorical"):
+        setattr(plain, k, getattr(fit, k, None))
+    own, via_autograd = (EMModel(subjects, f, device="cpu") for f in (fit, plain))
+    assert own.model.has_own("value_and_grad") and own.model.has_own("hessian")
+    assert not via_autograd.model.has_own("value_and_grad") and not via_autograd.model.has_own("hessian")
+    a, b = own.fit(verbose=0, mstep_maxit=5), via_autograd.fit(verbose=0, mstep_maxit=5)
+    torch.testing.assert_close(a.m, b.m, rtol=0, atol=1e-8)
+    torch.testing.assert_close(a.inv_h, b.inv_h, rtol=1e-7, atol=1e-9)
+
+
+def test_own_derivatives_with_wrong_shapes_are_reported():
+    from torchem.model import Model
+
+    fit = MODELS["ddm4"]
+
+    def bad(params, *data, mask=None, output="nll"):
+        return fit(params, *data, mask=mask, output=output)
+
+    bad.value_and_grad = lambda params, *data, mask=None: (params.sum(1), params[:, :2])
+    bad.hessian = lambda params, *data, mask=None: params[:, :, None]
+    model = Model(bad, param_names=fit.param_names, param_xform=fit.param_xform)
+    _, _, sim = sim_data("ddm4", S=2, seed=1, ntrials=10)
+    data = tuple(torch.as_tensor(sim[k]) for k in fit.inputs)
+    x, mask = torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, 10, dtype=torch.bool)
+    with pytest.raises(ValueError, match="value_and_grad must return shapes"):
+        model.nll_and_grad(x, data, mask)
+    with pytest.raises(ValueError, match=r"hessian must return shape \(2, 4, 4\)"):
+        model.nll_hessian(x, data, mask)
+
+
 def test_responses_before_t0_are_smooth_contaminants():
     fit = MODELS["ddm4"]
     rt = torch.tensor([[0.25, 0.6, 0.9, 1.4]], dtype=torch.float64)

@@ -111,13 +111,34 @@ def neg_log_posterior(model: Model, batch: SubjectBatch, prior: Prior,
     elif not (n == S and bool((rows == torch.arange(S, device=mask.device)).all())):
         data, mask = tuple(d[rows] for d in data), mask[rows]  # a chunk's data, gathered once
 
-    def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        subj = subjects[idx]
+    def rows(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         if idx.numel() == n:  # all problems in order: no copy of the data
-            return model.nll(x, data, mask) + prior.neg_log_prior(x, subj)
-        return model.nll(x, tuple(d[idx] for d in data), mask[idx]) + prior.neg_log_prior(x, subj)
+            return data, mask
+        return tuple(d[idx] for d in data), mask[idx]
 
+    def fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return model.nll(x, *rows(idx)) + prior.neg_log_prior(x, subjects[idx])
+
+    # a model's own derivatives, without autograd ("Own derivatives" in torchem.model)
+    if model.has_own("value_and_grad"):
+        def value_and_grad(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f, g = model.nll_and_grad(x, *rows(idx))
+            subj = subjects[idx]
+            return f + prior.neg_log_prior(x, subj), g + prior.grad(x, subj)
+
+        fun.value_and_grad = value_and_grad
+    if model.has_own("hessian"):
+        fun.hessian = lambda x, idx: model.nll_hessian(x, *rows(idx)) + prior.hessian(x, subjects[idx])
     return fun
+
+
+def objective_hessian(fun: Callable, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``(n, P, P)`` exact Hessians of ``fun(., idx)`` at ``x``: ``fun.hessian`` where the objective carries one
+    (:func:`neg_log_posterior` of a model with its own Hessian), else :func:`~torchem.curvature.batched_hessian`."""
+    own = getattr(fun, "hessian", None)
+    if own is not None:
+        return own(x, idx)
+    return batched_hessian(lambda z: fun(z, idx), x)
 
 
 def restart_draws(prior: Prior, subjects: torch.Tensor, seed: int, step: int, round: int) -> torch.Tensor:
@@ -248,8 +269,7 @@ class LaplaceEStep:
                 f"(first: {self.batch.subject_ids[first - self.first]!r}); check the model and data")
         n, c = idx.numel(), self.hessian_chunk
         local = torch.arange(n, device=idx.device)
-        H = torch.cat([batched_hessian(lambda z, lo=lo: fun(z, local[lo:lo + c]), x[lo:lo + c])
-                       for lo in range(0, n, c)])
+        H = torch.cat([objective_hessian(fun, x[lo:lo + c], local[lo:lo + c]) for lo in range(0, n, c)])
         nlprior = prior.neg_log_prior(x, idx)
         lik = (npl - nlprior, grad - prior.grad(x, idx), H - prior.hessian(x, idx))
         H = lik[2] + prior.curvature(x, idx)

@@ -33,6 +33,17 @@ Library models carry their defaults as attributes set by :func:`model_spec`
 (``param_names``, ``param_xform``, ``inputs``, ``categorical``, ``responses``,
 ``simulate``, ``check_data``), so ``EMModel(all_data, rw1a1b_fit)`` needs
 nothing else.
+
+Own derivatives
+---------------
+A batched function may carry ``fit_func.value_and_grad(params, *data,
+mask=None) -> (nll (S,), grad (S, P))`` and ``fit_func.hessian(params, *data,
+mask=None) -> (S, P, P)``: the same negative log-likelihood's exact gradient
+and Hessian, computed without autograd (the DDMs do).  The E-step's L-BFGS
+and its exact Hessians then call them (:meth:`Model.nll_and_grad`,
+:meth:`Model.nll_hessian`) instead of running autograd through ``fit_func``;
+everything else goes through ``fit_func``.  Tests should compare them with
+autograd through ``fit_func``.
 """
 from __future__ import annotations
 
@@ -45,6 +56,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .curvature import batched_hessian
 from .data import _missing_hint
 from .transforms import identity
 
@@ -435,6 +447,43 @@ class Model:
                 f"causes: a Python `if` on a parameter or data value (use torch.where), writing into a "
                 f"preallocated array (collect values in a list and torch.stack them), or .item()/float() on a "
                 f"tensor; see {MIGRATION_GUIDE}") from err
+
+    def has_own(self, derivative: str) -> bool:
+        """Whether ``fit_func`` supplies ``derivative`` (``"value_and_grad"`` or ``"hessian"``; see "Own
+        derivatives" in the module notes)."""
+        return (not self.per_subject and not self.pyem_style
+                and callable(getattr(self.fit_func, derivative, None)))
+
+    def nll_and_grad(self, params: torch.Tensor, data: tuple[torch.Tensor, ...],
+                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S,)`` negative log-likelihood and its exact ``(S, P)`` gradient at ``params``.
+
+        From ``fit_func.value_and_grad`` where the function has one, else by autograd through :meth:`nll`.
+        """
+        if self.has_own("value_and_grad"):
+            f, g = self.fit_func.value_and_grad(params.detach(), *data, mask=mask)
+            if f.shape != params.shape[:1] or g.shape != params.shape:
+                raise ValueError(f"{self._name()}.value_and_grad must return shapes ({params.shape[0]},) and "
+                                 f"{tuple(params.shape)}, got {tuple(f.shape)} and {tuple(g.shape)}")
+            return f.detach(), g.detach()
+        with torch.enable_grad():
+            x = params.detach().requires_grad_(True)
+            f = self.nll(x, data, mask)
+            (g,) = torch.autograd.grad(f.sum(), x)
+        return f.detach(), g
+
+    def nll_hessian(self, params: torch.Tensor, data: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+        """``(S, P, P)`` exact Hessians of the negative log-likelihood at ``params``.
+
+        From ``fit_func.hessian`` where the function has one, else :func:`~torchem.curvature.batched_hessian`.
+        """
+        if self.has_own("hessian"):
+            H = self.fit_func.hessian(params.detach(), *data, mask=mask)
+            if H.shape != params.shape + params.shape[-1:]:
+                raise ValueError(f"{self._name()}.hessian must return shape {tuple(params.shape + params.shape[-1:])}, "
+                                 f"got {tuple(H.shape)}")
+            return H.detach()
+        return batched_hessian(lambda z: self.nll(z, data, mask), params)
 
     def nll(self, params: torch.Tensor, data: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
         """``(S,)`` negative log-likelihood; checks the shape the function returned."""

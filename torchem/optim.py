@@ -60,7 +60,15 @@ class MinimizeResult:
 
 
 def value_and_grad(fun: Objective, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-problem values ``(n,)`` and exact gradients ``(n, P)`` of ``fun`` at ``x``."""
+    """Per-problem values ``(n,)`` and exact gradients ``(n, P)`` of ``fun`` at ``x``.
+
+    From ``fun.value_and_grad(x, idx)`` when the objective carries one (a model with its own gradient,
+    :func:`torchem.estep.neg_log_posterior`), else by autograd.
+    """
+    own = getattr(fun, "value_and_grad", None)
+    if own is not None:
+        f, g = own(x.detach(), idx)
+        return f.detach(), g.detach()
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         f = fun(xg, idx)

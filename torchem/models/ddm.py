@@ -155,7 +155,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..curvature import hessian_pass
+from ..curvature import batched_hessian, hessian_pass
 from ..model import check_categorical, model_spec, natural_params, reject_subject
 from ..transforms import beta2norm, identity, norm2alpha, norm2beta
 from .common import as_blocks, default_mask, fill_padding, sum_trials
@@ -257,7 +257,7 @@ def series_terms(err: float = 1e-12) -> tuple[int, int, int]:
         r2 = (c - 0.5) ** 2
         return 12.9 * r2 / u * math.exp(-(r2 - 1.0) / (2 * u))
 
-    K = next(K for K in range(1, 100) if large_tail(K) / (1.0 - large_tail(1)) < err)
+    K = next(K for K in range(2, 100) if large_tail(K) / (1.0 - large_tail(1)) < err)
     lead_even = 1.0 - sum(even(2 * j) for j in range(1, 40))  # the w <= 1/2 series over its leading term
     J_even = next(J for J in range(1, 100) if sum(even(2 * j) for j in range(J + 1, J + 40)) / lead_even < err)
     J_odd = next(J for J in range(0, 100) if sum(odd(2 * j + 1) for j in range(J + 1, J + 40)) < err)
@@ -311,9 +311,13 @@ def _log_f_small(u: torch.Tensor, y: torch.Tensor, near_lower: bool, J: int, ord
     centres = [2.0 * j for j in range(1, J + 1)] if near_lower else [2.0 * j + 1.0 for j in range(J + 1)]
     pairs = _log_pair(torch.tensor(centres, dtype=u.dtype, device=u.device).reshape((-1,) + (1,) * y.dim()),
                       y, u, order)
-    if near_lower:
-        lead = (torch.log(y) - 0.5 * y * y * iu, 0.5 * y * y * iu * iu, 1.0 / y - y * iu, -y * y * iu * iu * iu,
-                y * iu * iu, -1.0 / (y * y) - iu)[:(1, 3, 6)[order]]  # log g(y) and its derivatives
+    if near_lower:  # log g(y) and its derivatives
+        yiu = y * iu
+        lead = (torch.log(y) - 0.5 * y * yiu,)
+        if order:
+            lead += (0.5 * yiu * yiu, 1.0 / y - yiu)
+        if order == 2:
+            lead += (-yiu * yiu * iu, yiu * iu, -1.0 / (y * y) - iu)
     else:
         lead, pairs = tuple(p[0] for p in pairs), tuple(p[1:] for p in pairs)
     sign = -1.0 if near_lower else 1.0
@@ -345,23 +349,25 @@ def _log_f_large(u: torch.Tensor, y: torch.Tensor, near_lower: torch.Tensor, K: 
     cos, sin = torch.cos(math.pi * y), torch.sin(math.pi * y)
     sgn = 2.0 * near_lower.to(u.dtype) - 1.0
     x = sgn * cos  # cos(pi w)
-    # U_{k-1}(x) and its first two derivatives by the three-term recurrence
-    U, dU, ddU = torch.ones_like(x), torch.zeros_like(x), torch.zeros_like(x)
-    U1, dU1, ddU1 = 2.0 * x, torch.full_like(x, 2.0), torch.zeros_like(x)
+    x2 = 2.0 * x
+    # U_{k-1}(x) and its first two derivatives by the three-term recurrence (U_0 = 1, U_1 = 2x, U_1' = 2)
+    U, dU, ddU = 1.0, 0.0, 0.0
+    U1, dU1, ddU1 = x2, 2.0, 0.0
     R = R_u = R_uu = R_x = R_xx = R_ux = 0.0
     for k in range(2, K + 1):
         lam = (k * k - 1) * _PI2_2
         qk = k * torch.exp(-lam * u)
-        R = R + qk * U1
+        qU = qk * U1
+        R = R + qU
         if order:
-            R_u, R_x = R_u - lam * qk * U1, R_x + qk * dU1
+            R_u, R_x = R_u - lam * qU, R_x + qk * dU1
         if order == 2:
-            R_uu, R_xx, R_ux = R_uu + lam * lam * qk * U1, R_xx + qk * ddU1, R_ux - lam * qk * dU1
-        U, U1 = U1, 2.0 * x * U1 - U
+            R_uu, R_xx, R_ux = R_uu + (lam * lam) * qU, R_xx + qk * ddU1, R_ux - lam * (qk * dU1)
+        U, U1 = U1, x2 * U1 - U
         if order:
-            dU, dU1 = dU1, 2.0 * U + 2.0 * x * dU1 - dU  # U is U_{k-1} now
+            dU, dU1 = dU1, 2.0 * U + x2 * dU1 - dU  # U is U_{k-1} now
         if order == 2:
-            ddU, ddU1 = ddU1, 4.0 * dU + 2.0 * x * ddU1 - ddU
+            ddU, ddU1 = ddU1, 4.0 * dU + x2 * ddU1 - ddU
     out = (_LOG_PI - _PI2_2 * u + torch.log(sin) + torch.log1p(R),)
     if order == 0:
         return out
@@ -1286,6 +1292,37 @@ def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, varia
                 return _SubjectNLL.apply(params, derivs)[0]
         return by_autograd(params, output)
 
+    # the model's own derivatives for the engine (torchem.model, "Own derivatives"); autograd without a contaminant
+    if not variability:
+        def value_and_grad(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor,
+                           second: torch.Tensor, mask: torch.Tensor | None = None, *, p_outlier: float = P_OUTLIER,
+                           err: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+            """``(S,)`` negative log-likelihood and its ``(S, 4)`` gradient by the chain rule, without autograd."""
+            mask = default_mask(mask, rt)
+            if not 0.0 < p_outlier < 1.0:
+                return _autograd_value_grad(lambda x: fit(x, rt, choice, first, second, mask=mask,
+                                                          p_outlier=p_outlier, err=err))(params)
+            data = _prepare(rt, choice, first - second, mask, p_outlier, params.dtype)
+            return _ddm4_terms(params.detach(), *data, series_terms(err), order=1)
+
+        fit.value_and_grad = value_and_grad
+
+    def hessian(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor,
+                second: torch.Tensor, mask: torch.Tensor | None = None, *, p_outlier: float = P_OUTLIER,
+                n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12) -> torch.Tensor:
+        """``(S, P, P)`` exact Hessians of the negative log-likelihood by the chain rule, without autograd."""
+        mask = default_mask(mask, rt)
+        quad = {"n_st": n_st, "n_sz": n_sz} if variability else {}
+        if not 0.0 < p_outlier < 1.0:
+            return batched_hessian(lambda x: fit(x, rt, choice, first, second, mask=mask, p_outlier=p_outlier,
+                                                 err=err, **quad), params)
+        data = _prepare(rt, choice, first - second, mask, p_outlier, params.dtype)
+        if variability:
+            return _ddm7_hessian(params.detach(), *data, n_st, n_sz, series_terms(err))[2]
+        return _ddm4_terms(params.detach(), *data, series_terms(err), order=2)[2]
+
+    fit.hessian = hessian
+
     fit.__name__ = fit.__qualname__ = f"{name}_fit"
     task = ("high vs low value: two certain amounts, the higher one is the correct (upper) response"
             if upper == "high" else "safe vs risky: a gamble against a certain amount, drift can point either way")
@@ -1401,7 +1438,14 @@ def ddm_options(fit_func: Callable, **options) -> Callable:
         return base(params, *data, mask=mask, output=output, **opts)
 
     fit.base_fit, fit.options = base, opts
+    for name in ("value_and_grad", "hessian"):  # the model's own derivatives, with the same options
+        if hasattr(base, name):
+            setattr(fit, name, functools.partial(_with_options, getattr(base, name), opts))
     return fit
+
+
+def _with_options(derivative: Callable, opts: dict, params, *data, mask=None):
+    return derivative(params, *data, mask=mask, **opts)
 
 
 # ----------------------------------------------------------------------------------------------------
