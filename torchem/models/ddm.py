@@ -48,9 +48,11 @@ exact Hessian follows by the chain rule from the series' derivatives
 Hessian-vector product through the whole computation per parameter;
 ``ddm4`` and ``ddm4_lotto`` compute their value and gradient the same way.
 One ``torch.autograd.Function`` (:class:`_SubjectNLL`) hands them to
-autograd and ``torch.func``, so the engine's exact Hessians
-(:func:`torchem.curvature.batched_hessian`) take the model's Hessian with no
-change to the engine.  Tests compare both with autograd through every
+autograd and ``torch.func``, so autograd's Hessians
+(:func:`torchem.curvature.batched_hessian`) take the model's Hessian; the
+fit functions also carry them as ``fit.value_and_grad`` (four-parameter
+models) and ``fit.hessian``, which the engine calls without autograd
+(:mod:`torchem.model`, "Own derivatives").  Tests compare both with autograd through every
 operation (the path ``output="all"`` takes).  Values, gradients and Hessians
 are finite for normalized parameters anywhere in [-300, 300] in float64
 ([-30, 30] in float32): tiny ``t / a^2``, starts next to a boundary, large
