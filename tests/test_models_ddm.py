@@ -141,6 +141,19 @@ def test_series_terms_follow_the_error_bound():
         D.series_terms(0.0)
 
 
+def test_loose_error_bounds_keep_a_large_time_term():
+    """A loose bound once asked for the leading large-time term alone (K = 1), and the series then failed on a
+    float; K is at least 2, and the density, its gradient and the DDM likelihood stay finite."""
+    assert D.series_terms(0.5)[2] >= 2
+    rt = torch.tensor([0.05, 0.4, 1.2, 3.0], dtype=torch.float64)
+    assert torch.isfinite(D.wfpt_logpdf(rt, 0.8, 1.2, 0.4, err=0.5)).all()
+    fit = D.ddm_options(MODELS["ddm4"], err=0.5)
+    _, true, sim = sim_data("ddm4", S=2, seed=3, ntrials=20)
+    data = [torch.as_tensor(sim[k]) for k in fit.inputs]
+    f, g = fit.value_and_grad(normalized(fit, true), *data)
+    assert torch.isfinite(f).all() and torch.isfinite(g).all()
+
+
 def test_derivatives_of_the_series_are_exact():
     """The hand-written first and second derivatives of log f against finite differences, on both series,
     both sides, and with time and start on broadcast axes; the GPU selection path gives the same numbers."""
