@@ -58,6 +58,7 @@ import torch
 
 from .curvature import batched_hessian
 from .data import _missing_hint
+from .optim import value_and_grad
 from .transforms import identity
 
 __all__ = ["Model", "ModelSpec", "model_spec", "data_roles", "check_categorical", "reject_subject", "natural_params",
@@ -466,11 +467,7 @@ class Model:
                 raise ValueError(f"{self._name()}.value_and_grad must return shapes ({params.shape[0]},) and "
                                  f"{tuple(params.shape)}, got {tuple(f.shape)} and {tuple(g.shape)}")
             return f.detach(), g.detach()
-        with torch.enable_grad():
-            x = params.detach().requires_grad_(True)
-            f = self.nll(x, data, mask)
-            (g,) = torch.autograd.grad(f.sum(), x)
-        return f.detach(), g
+        return value_and_grad(lambda z, _: self.nll(z, data, mask), params, None)
 
     def nll_hessian(self, params: torch.Tensor, data: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
         """``(S, P, P)`` exact Hessians of the negative log-likelihood at ``params``.

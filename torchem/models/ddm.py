@@ -159,6 +159,7 @@ import torch.nn.functional as F
 
 from ..curvature import batched_hessian, hessian_pass
 from ..model import check_categorical, model_spec, natural_params, reject_subject
+from ..optim import value_and_grad
 from ..transforms import beta2norm, identity, norm2alpha, norm2beta
 from .common import as_blocks, default_mask, fill_padding, sum_trials
 from .recurrence import linear_scan
@@ -876,14 +877,8 @@ class _SubjectNLL(torch.autograd.Function):
 
 
 def _autograd_value_grad(nll: Callable) -> Callable:
-    """``(nll, grad)`` of :class:`_SubjectNLL` by autograd through ``nll(x) -> (S,)``."""
-    def value_grad(x):
-        with torch.enable_grad():
-            z = x.detach().requires_grad_(True)
-            f = nll(z)
-            (g,) = torch.autograd.grad(f.sum(), z)
-        return f.detach(), g
-    return value_grad
+    """``x -> (nll, grad)`` of :class:`_SubjectNLL` by autograd through ``nll(x) -> (S,)``."""
+    return lambda x: value_and_grad(lambda z, _: nll(z), x, None)
 
 
 # Sparse first and second derivatives in the natural parameters nu = (v_coef, a, t0, z, sv, st, sz) of the
