@@ -43,11 +43,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .allocator import cpu_heap
 from .convergence import EMStep, GroupRule, group_change, make_rule
 from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
 from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
-from .allocator import cpu_heap
 from .checkpoint import load_checkpoint, save_checkpoint
 from .groups import GaussianGroup, GroupFamily, make_group
 from .importance import ImportanceResult

@@ -1289,36 +1289,28 @@ def _value_model(name: str, inputs: Sequence[str], upper: str, lower: str, varia
                 return _SubjectNLL.apply(params, derivs)[0]
         return by_autograd(params, output)
 
-    # the model's own derivatives for the engine (torchem.model, "Own derivatives"); autograd without a contaminant
-    if not variability:
-        def value_and_grad(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor,
-                           second: torch.Tensor, mask: torch.Tensor | None = None, *, p_outlier: float = P_OUTLIER,
-                           err: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-            """``(S,)`` negative log-likelihood and its ``(S, 4)`` gradient by the chain rule, without autograd."""
-            mask = default_mask(mask, rt)
-            if not 0.0 < p_outlier < 1.0:
-                return _autograd_value_grad(lambda x: fit(x, rt, choice, first, second, mask=mask,
-                                                          p_outlier=p_outlier, err=err))(params)
-            data = _prepare(rt, choice, first - second, mask, p_outlier, params.dtype)
-            return _ddm4_terms(params.detach(), *data, series_terms(err), order=1)
-
-        fit.value_and_grad = value_and_grad
-
-    def hessian(params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor,
-                second: torch.Tensor, mask: torch.Tensor | None = None, *, p_outlier: float = P_OUTLIER,
-                n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12) -> torch.Tensor:
-        """``(S, P, P)`` exact Hessians of the negative log-likelihood by the chain rule, without autograd."""
+    def own(order: int, params: torch.Tensor, rt: torch.Tensor, choice: torch.Tensor, first: torch.Tensor,
+            second: torch.Tensor, mask: torch.Tensor | None = None, *, p_outlier: float = P_OUTLIER,
+            n_st: int = N_ST, n_sz: int = N_SZ, err: float = 1e-12):
+        """The model's own derivatives for the engine (:mod:`torchem.model`, "Own derivatives"), by the chain
+        rule without autograd: ``order=1`` ``(nll (S,), grad (S, 4))`` (four-parameter models), ``order=2``
+        ``(S, P, P)`` Hessians.  Without a contaminant (``p_outlier=0``) by autograd through ``fit``."""
         mask = default_mask(mask, rt)
-        quad = {"n_st": n_st, "n_sz": n_sz} if variability else {}
         if not 0.0 < p_outlier < 1.0:
-            return batched_hessian(lambda x: fit(x, rt, choice, first, second, mask=mask, p_outlier=p_outlier,
-                                                 err=err, **quad), params)
-        data = _prepare(rt, choice, first - second, mask, p_outlier, params.dtype)
-        if variability:
-            return _ddm7_hessian(params.detach(), *data, n_st, n_sz, series_terms(err))[2]
-        return _ddm4_terms(params.detach(), *data, series_terms(err), order=2)[2]
+            def nll(x):
+                return fit(x, rt, choice, first, second, mask=mask, p_outlier=p_outlier, n_st=n_st, n_sz=n_sz,
+                           err=err)
 
-    fit.hessian = hessian
+            return _autograd_value_grad(nll)(params) if order == 1 else batched_hessian(nll, params)
+        data, terms = _prepare(rt, choice, first - second, mask, p_outlier, params.dtype), series_terms(err)
+        if variability:  # order 2 only: the value and gradient are autograd's anyway
+            return _ddm7_hessian(params.detach(), *data, n_st, n_sz, terms)[2]
+        out = _ddm4_terms(params.detach(), *data, terms, order)
+        return out if order == 1 else out[2]
+
+    if not variability:
+        fit.value_and_grad = functools.partial(own, 1)
+    fit.hessian = functools.partial(own, 2)
 
     fit.__name__ = fit.__qualname__ = f"{name}_fit"
     task = ("high vs low value: two certain amounts, the higher one is the correct (upper) response"
