@@ -398,10 +398,12 @@ def test_callback_every_iteration_and_history(small_data, small_model):
     np.testing.assert_allclose(states[-1].mu, res.posterior_mu.numpy(), rtol=0, atol=0)
     np.testing.assert_allclose(states[-1].sigma, res.posterior_sigma.numpy(), rtol=0, atol=0)
     assert res.history["NPL"].iloc[-1] == pytest.approx(float(res.NPL.sum()), rel=1e-14)
-    # the default rule (projected remaining LME change) was met at the last E-step, not before
-    assert res.stop_reason.startswith("lme rule met") and "projected remaining" in res.history["rule"].iloc[-1]
-    projected = [float(t.rsplit(" ", 1)[1]) for t in res.history["rule"] if t.startswith("LME change")]
-    assert max(projected[-2:]) < 1e-3 and not any(max(a, b) < 1e-3 for a, b in zip(projected[:-2], projected[1:-1]))
+    # the default rule (estimated gap to the fixed point) was met at the last kept E-step, not before
+    assert res.stop_reason.startswith("lme rule met") and "gap to the fixed point" in res.history["rule"].iloc[-1]
+    kept = res.history.dropna(subset=["gap_lme"])
+    met = (kept["gap_lme"] < 1e-3) & (kept["gap_hyper"] < 1e-3)
+    assert met.iloc[-1] and not met.iloc[:-1].any()
+    assert res.fixed_point_gap["lme"] == kept["gap_lme"].iloc[-1]
     # same fit as without a callback
     assert torch.equal(res.m, small_model.result.m)
 

@@ -1,9 +1,10 @@
 """Checkpoints of a running EM fit, and resuming from them.
 
 A checkpoint holds everything the EM loop's next step depends on (the
-:class:`~torchem.em.EMState` at the top of the loop, the E-step's warm-start
-state, the history, the stopping rule's memory and the random generator's
-state), so that a resumed fit ends bit for bit where an uninterrupted one
+ current point at the top of the loop (its group, E-step and M-step), the
+accelerator's memory (:meth:`~torchem.accelerators.Accelerator.state_dict`),
+the E-step's warm-start state, the history, the stopping rule's memory and
+the random generator's state), so that a resumed fit ends bit for bit where an uninterrupted one
 ends on the CPU.  It also holds the options and a SHA-256 hash of the data:
 resuming with other data or other options is refused.  Files are written to
 a temporary name and renamed, so a fit killed while writing leaves the
@@ -23,12 +24,13 @@ from .estep import PosteriorMoments
 from .saving import _cpu_state, _options_json
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .em import EMRun, EMState
+    from .accelerators import Accelerator, Point
+    from .em import EMRun
 
 __all__ = ["save_checkpoint", "load_checkpoint", "data_hash"]
 
 FORMAT = "torchem.checkpoint"
-VERSION = 2
+VERSION = 3
 #: Options that may differ between the interrupted and the resumed fit (where and how, not what, is computed).
 _FREE = ("checkpoint", "checkpoint_every", "resume", "chunk_size", "num_threads", "pin_data")
 
@@ -60,19 +62,21 @@ def _post_tensors(post: PosteriorMoments) -> dict:
     return {f.name: getattr(post, f.name).detach().cpu() for f in fields(PosteriorMoments) if f.name != "importance"}
 
 
-def save_checkpoint(run: "EMRun", state: "EMState", path: str | os.PathLike) -> None:
+def save_checkpoint(run: "EMRun", current: "Point", acc: "Accelerator", rule: Any, path: str | os.PathLike) -> None:
     """Write the EM state at the top of the loop to ``path`` (atomically)."""
     post, group, prior = run.last
     lik = run.laplace.lik
     payload = {
         "format": FORMAT, "version": VERSION,
         "meta": json.dumps({**_fingerprint(run), "rows": run.rows, "warnings": run.warnings,
-                            "rule": asdict(state.rule), "alpha_max": state.alpha_max,
+                            "rule": asdict(rule), "gap": None if run.gap is None else run.gap.as_dict(),
                             "probed": {str(k): v for k, v in run._probed.items()}, "mstep_ok": run._mstep_ok, "restart_seed": run.laplace.restart_seed,
                             "converged": run.converged}),
-        "groups": {"a": _cpu_state(state.a.state_dict()), "b": _cpu_state(state.b.state_dict()),
-                   "last_group": _cpu_state(group.state_dict()), "last_prior": _cpu_state(prior.state_dict())},
-        "post_a": _post_tensors(state.post_a), "last_post": _post_tensors(post),
+        "groups": {"a": _cpu_state(current.group.state_dict()), "b": _cpu_state(current.mapped.state_dict()),
+                   "last_group": _cpu_state(group.state_dict()), "last_prior": _cpu_state(prior.state_dict()),
+                   **({} if run._previous is None else {"previous": _cpu_state(run._previous.state_dict())})},
+        "post_a": _post_tensors(current.post), "last_post": _post_tensors(post),
+        "accelerator": acc.state_dict(),
         "estep": {"x": run.laplace.x.cpu(), "has_lik": run.laplace.has_lik.cpu(),
                   "nll": lik[0].cpu(), "grad": lik[1].cpu(), "hess": lik[2].cpu(), "v": run.laplace.v.cpu()},
         "generator": run.generator.get_state(),
@@ -83,15 +87,16 @@ def save_checkpoint(run: "EMRun", state: "EMState", path: str | os.PathLike) -> 
     os.replace(tmp, path)
 
 
-def load_checkpoint(run: "EMRun", path: str | os.PathLike, rule: Any) -> "EMState":
-    """Restore ``run`` (and the stopping ``rule``) from ``path``; returns the :class:`EMState` to continue from.
+def load_checkpoint(run: "EMRun", path: str | os.PathLike, rule: Any, acc: "Accelerator") -> "Point":
+    """Restore ``run``, the stopping ``rule`` and the accelerator ``acc`` from ``path``; returns the current point.
 
     Raises
     ------
     ValueError
         Not a checkpoint, or one of a fit with other data, options, parameters or dtype.
     """
-    from .em import EMState
+    from .accelerators import Point
+    from .convergence import FixedPointGap
     from .groups import group_from_state
 
     path = os.fspath(path)
@@ -138,4 +143,7 @@ def load_checkpoint(run: "EMRun", path: str | os.PathLike, rule: Any) -> "EMStat
     for k, v in meta["rule"].items():
         setattr(rule, k, v)
     run.last = (post("last_post"), group("last_group"), group("last_prior"))
-    return EMState(group("a"), post("post_a"), group("b"), meta["alpha_max"], rule)
+    run._previous = group("previous") if "previous" in payload["groups"] else None
+    run.gap = None if meta["gap"] is None else FixedPointGap(**meta["gap"])
+    acc.load_state_dict(payload["accelerator"], device=dev)
+    return Point(group("a"), post("post_a"), group("b"))

@@ -224,6 +224,19 @@ class LaplaceEStep:
         self.v: torch.Tensor | None = None  # (S, P) posterior variances of the last call (for Prior.local)
         self._local: tuple | None = None  # (prior, step, local prior) of the current E-step
 
+    def snapshot(self) -> tuple:
+        """The warm-start state (MAPs, variances, likelihood derivatives), for :meth:`restore`."""
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return (self.x.clone(), clone(self.v), self.has_lik.clone(),
+                None if self.lik is None else tuple(t.clone() for t in self.lik))
+
+    def restore(self, state: tuple) -> None:
+        """Go back to a :meth:`snapshot`: after a rejected trial the next E-step starts (and, for a
+        heavy-tailed group, builds its local prior) from the kept point, so EM's map does not depend on
+        which trials were rejected."""
+        self.x, self.v, self.has_lik, self.lik = state
+        self._local = None
+
     def local_prior(self, prior: Prior) -> Prior:
         """``prior.local`` at every subject's last moments, built once per E-step (chunks share it)."""
         if not self.variational:

@@ -49,10 +49,12 @@ class FitOptions:
     init_var: float = _opt(1.0, "variance of the default starting prior (mean 0); pyEM starts at 100 and "
                                 "reaches the same fixed point in more iterations")
     mstep_maxit: int = _opt(800, "maximum E-steps (EM iterations; accelerated cycles count each E-step)")
-    accelerate: Any = _opt("squarem", "'squarem' (extrapolated EM steps with a monotonicity safeguard, "
-                                      "Varadhan & Roland 2008) or None (plain EM)")
-    convergence: Any = _opt(None, "stopping rule: 'lme' (the projected remaining change of the summed "
-                                  "Laplace log evidence), 'npl' (pyEM's rule on the NPL), 'group' (every "
+    accelerate: Any = _opt("squarem", "which group each E-step runs at: 'squarem' (Varadhan & Roland 2008), "
+                                      "'quasi_newton' (multisecant quasi-Newton steps on EM's fixed-point "
+                                      "residual) or None (plain EM); all reach plain EM's fixed point")
+    convergence: Any = _opt(None, "stopping rule: 'lme' (the estimated remaining change of the summed "
+                                  "Laplace log evidence below `convergence_crit` and of every group "
+                                  "hyperparameter below `group_tol`), 'npl' (pyEM's rule on the NPL), 'group' (every "
                                   "group hyperparameter stable for `group_window` steps); default 'lme', or "
                                   "'npl' when one of pyEM's NPL-rule options below is given")
     convergence_crit: float = _opt(1e-3, "tolerance of the 'lme' and 'npl' rules (nats; relative for "
@@ -128,7 +130,7 @@ class FitOptions:
         _choice("convergence", self.convergence, ("lme", "npl", "group"))
         _choice("convergence_method", self.convergence_method, ("sum", "mean", "median"))
         _choice("convergence_custom", self.convergence_custom, (None, "relative_npl", "running_average"))
-        _choice("accelerate", self.accelerate, (None, "squarem"))
+        _choice("accelerate", self.accelerate, (None, "squarem", "quasi_newton"))
         _choice("estep", self.estep, ("laplace", "importance"))
         _choice("variational", self.variational, (True, False))
         _positive_int("mstep_maxit", self.mstep_maxit)

@@ -65,6 +65,7 @@ def save_result(result, path: str | os.PathLike) -> None:
         "subject_id_types": [type(s).__name__ for s in ids],
         "param_xform": [_XFORM_NAMES.get(fn, "custom") for fn in result.param_xform],
         "convergence": bool(result.convergence), "n_iter": int(result.n_iter), "stop_reason": result.stop_reason,
+        "fixed_point_gap": result.fixed_point_gap,
         "warnings": list(result.warnings), "estep": result.estep, "stopped": bool(result.stopped),
         "options": _options_json(result.options),
         "history": json.loads(result.history.to_json(orient="split")),
@@ -152,7 +153,7 @@ def load_result(path: str | os.PathLike, *, map_location: Any = "cpu",
             n_iter=meta["n_iter"], history=history, param_names=meta["param_names"], subject_ids=ids,
             param_xform=xform, stop_reason=meta["stop_reason"], warnings=meta["warnings"], options=options,
             estep=meta["estep"], stopped=meta["stopped"], importance=imp, estep_prior=group(payload["estep_prior"]),
-            lme=t.get("lme"))
+            lme=t.get("lme"), fixed_point_gap=meta.get("fixed_point_gap"))
     except ValueError as err:
         raise ValueError(f"{path}: damaged torchem result file: {err}") from None
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
