@@ -673,9 +673,6 @@ class EMRun:
         cand = ((vc < vb) & (vb < va) & (vc < 0.05) & (vc > 1e-6)).nonzero().squeeze(1).tolist()
         n = len(self.rows)
         cand = [j for j in cand if n - self._probed.get(j, -10**9) >= 20]
-        if cand and not isinstance(acc, QuasiNewton):  # SQUAREM: the linear estimate cannot tell; probe now
-            self._probed[cand[0]] = n
-            return cand[0]
         if not cand or ahead.remaining is None:
             return None
         target = current.group.from_vector(current.x + ahead.remaining).spread.diagonal()
