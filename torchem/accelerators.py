@@ -36,7 +36,6 @@ The methods:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -165,54 +164,49 @@ class Squarem(Accelerator):
         self.anchor: tuple[torch.Tensor, float] | None = None  # (vector, summed evidence) of the cycle's start
         self.alpha_max = 1.0
 
-    def _extrapolation(self, current: Point) -> tuple[GroupFamily, float] | None:
+    def _alpha(self, current: Point) -> float | None:
+        """The steplength of the cycle from the anchor to ``current``, within ``[-alpha_max, -1]``.
+
+        ``None`` where there is no cycle (no anchor) or EM is fast (``|c - b| < 0.8 |b - a|``).
+        """
         if self.anchor is None or current.f is None:
             return None
-        if self._bounded(current):
-            return None
-        va, vb = self.anchor[0], current.x
-        r, v = vb - va, current.f - (vb - va)
-        if _norm(current.f) < 0.8 * _norm(r):
-            return None
-        nv = _norm(v)
-        alpha = -_norm(r) / nv if nv > 0 else -1.0
-        alpha = max(min(alpha, -1.0), -self.alpha_max)
-        theta = current.group.from_vector(va - 2 * alpha * r + alpha * alpha * v)
-        if alpha == -1.0 or not theta.valid():  # the extrapolation is c itself
-            return None
-        return theta, alpha
-
-    def _alpha(self, current: Point) -> float | None:
-        """The unbounded steplength ``-|r| / |v|`` of the cycle ending at ``current`` (``None``: EM is fast)."""
         r = current.x - self.anchor[0]
-        v = current.f - r
         if _norm(current.f) < 0.8 * _norm(r):
             return None
-        nv = _norm(v)
-        return -_norm(r) / nv if nv > 0 else -1.0
+        nv = _norm(current.f - r)
+        alpha = -_norm(r) / nv if nv > 0 else -1.0
+        return max(min(alpha, -1.0), -self.alpha_max)
 
-    def _bounded(self, current: Point) -> bool:
-        """The step bound ``alpha_max = 1`` reduces the extrapolation to the plain EM point, and limits it."""
-        a = self._alpha(current)
-        return a is not None and self.alpha_max == 1.0 and a <= -1.0
+    def _extrapolation(self, current: Point) -> GroupFamily | None:
+        """``a - 2 alpha r + alpha^2 v``; ``None`` where it is the plain EM point ``c`` or not a valid group."""
+        alpha = self._alpha(current)
+        if alpha is None or alpha == -1.0:
+            return None
+        va = self.anchor[0]
+        r = current.x - va
+        theta = current.group.from_vector(va - 2 * alpha * r + alpha * alpha * (current.f - r))
+        return theta if theta.valid() else None
 
     def propose(self, current: Point) -> Proposal:
-        ext = self._extrapolation(current)
-        if ext is None:
+        theta = self._extrapolation(current)
+        if theta is None:
             return self.plain(current)
-        return Proposal(ext[0], "extrapolated", self.linear_remaining(current))
+        return Proposal(theta, "extrapolated", self.linear_remaining(current))
 
     def judge(self, current: Point, trial: Point, proposal: Proposal) -> bool:
-        if proposal.step == "em":
-            if self.anchor is not None and current.x is not None and self._bounded(current):
-                self.alpha_max *= 4.0  # the bound was reached: allow 4x longer steps
+        hit = self._alpha(current) == -self.alpha_max  # the step bound was reached
+        if proposal.step == "em":  # a cycle that did not extrapolate (or none yet): the next cycle starts here
+            if hit:
+                self.alpha_max *= 4.0
             self.observe_plain(current, trial)
             self.anchor = None if current.x is None else (current.x, current.lme)
             return True
-        alpha = self._extrapolation(current)[1]
-        hit = alpha == -self.alpha_max
         ok = trial.finite and trial.lme >= self.anchor[1] - self.crit
-        self.alpha_max = self.alpha_max * 4.0 if (ok and hit) else (self.alpha_max if ok else max(1.0, self.alpha_max / 4.0))
+        if ok and hit:
+            self.alpha_max *= 4.0
+        elif not ok:
+            self.alpha_max = max(1.0, self.alpha_max / 4.0)
         self.anchor = None
         return ok
 

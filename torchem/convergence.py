@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from .groups import GroupFamily
 
-__all__ = ["EMStep", "FixedPointGap", "fixed_point_gap", "hyper_gaps", "LMERule", "NPLRule", "GroupRule", "make_rule",
+__all__ = ["EMStep", "FixedPointGap", "fixed_point_gap", "gap_text", "hyper_gaps", "LMERule", "NPLRule", "GroupRule", "make_rule",
            "group_change"]
 
 
@@ -54,6 +55,11 @@ class EMStep:
     group_b: GroupFamily
     group_c: GroupFamily
     remaining: torch.Tensor | None = None
+
+    @cached_property
+    def gap(self) -> "FixedPointGap | None":
+        """The estimated gap to the fixed point at ``group_b`` (:func:`fixed_point_gap`), computed once."""
+        return fixed_point_gap(self)
 
 
 @dataclass
@@ -86,6 +92,11 @@ class FixedPointGap:
 
     def as_dict(self) -> dict:
         return {"lme": self.lme, "npl": self.npl, "hyper": self.hyper, "hyper_name": self.hyper_name}
+
+
+def gap_text(gap: FixedPointGap | None) -> str:
+    """:meth:`FixedPointGap.describe`, or what to say before the gap can be estimated."""
+    return "gap to the fixed point not yet estimable" if gap is None else gap.describe()
 
 
 def hyper_gaps(group: GroupFamily, remaining: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,11 +146,10 @@ class LMERule:
     met: list = field(default_factory=list)
 
     def update(self, step: EMStep) -> tuple[bool, str]:
-        gap = fixed_point_gap(step)
-        d = step.lme_b - step.lme_a
+        gap = step.gap
         self.met.append(gap is not None and gap.within(self.crit, self.tol))
         done = len(self.met) >= self.window and all(self.met[-self.window:])
-        return done, f"LME change {d:+.3g}; " + ("gap not yet estimable" if gap is None else gap.describe())
+        return done, f"LME change {step.lme_b - step.lme_a:+.3g}; {gap_text(gap)}"
 
 
 @dataclass
@@ -189,7 +199,7 @@ class GroupRule:
 
     def update(self, step: EMStep) -> tuple[bool, str]:
         self.changes.append(group_change(step.group_a, step.group_b))
-        gap = fixed_point_gap(step)
+        gap = step.gap
         ok = (len(self.changes) >= self.window and max(self.changes[-self.window:]) < self.tol
               and (step.remaining is None or gap is not None and gap.hyper < self.tol))
         return ok, f"group change {self.changes[-1]:.3g}" + ("" if gap is None else f"; {gap.describe()}")

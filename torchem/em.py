@@ -29,7 +29,6 @@ stopping rule on the moments of all subjects.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -42,8 +41,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .allocator import cpu_heap
-from .accelerators import Accelerator, Point, Proposal, QuasiNewton, make_accelerator
-from .convergence import EMStep, FixedPointGap, GroupRule, fixed_point_gap, hyper_gaps, make_rule
+from .accelerators import Accelerator, Point, Proposal, make_accelerator
+from .convergence import EMStep, FixedPointGap, GroupRule, gap_text, hyper_gaps, make_rule
 from .covariates import coefficient_table, covariate_group
 from .data import SubjectBatch
 from .estep import ImportanceEStep, LaplaceEStep, PosteriorMoments, SubjectStatus, auto_chunk_size, run_in_chunks
@@ -418,7 +417,7 @@ class EMRun:
         self._mstep_ok = True
         self._previous: Prior | None = None  # the group of the kept E-step before the last one
         self.gap: FixedPointGap | None = None  # estimated gap to the fixed point at the last kept E-step
-        self.stopped_short = False  # pyEM's NPL rule stopped the fit before the fixed point
+        self.stopped_short = False  # pyEM's NPL rule stopped the fit before the fixed point (a warning says so)
 
     # ---------------------------------------------------------- named steps
     def estep(self, prior: Prior, step: str, nsamples: int | None = None,
@@ -587,9 +586,8 @@ class EMRun:
             if self.opts.checkpoint is not None and len(self.rows) - saved_at >= self.opts.checkpoint_every:
                 if self._checkpoint(current, acc, rule):
                     saved_at = len(self.rows)
-            probe = self._boundary_candidate(current, ahead, acc) if acc.name != "none" else None
-            proposal = ahead if probe is None else Proposal(current.mapped.collapse(probe),
-                                                                           "collapse", None)
+            probe = self._boundary_candidate(current, ahead) if acc.name != "none" else None
+            proposal = ahead if probe is None else Proposal(current.mapped.collapse(probe), "collapse", None)
             saved = self.laplace.snapshot() if proposal.step != "em" else None
             trial = self.evaluate(proposal.group, proposal.step)
             if probe is None:
@@ -608,16 +606,13 @@ class EMRun:
                     step = EMStep(current.post.npl, trial.post.npl, current.lme, trial.lme, current.group,
                                   trial.group, trial.mapped, ahead.remaining)
                     met, rule_text = rule.update(step)
-                    self.gap = fixed_point_gap(step)
+                    self.gap = step.gap
                     text += rule_text
                     self.converged = met and (self.gap is not None and self.gap.within(self.opts.convergence_crit,
                                                                                        self.opts.group_tol))
                     if met and not self.converged:  # pyEM's NPL rule: stop where pyEM stops, but say how far
                         self.stop_reason = (f"{rule.name} rule met ({rule_text}), but not at the fixed point: "
-                                            + ("gap not estimable" if self.gap is None else self.gap.describe()))
-                        self._warn(f"EM stopped by the {rule.name} rule short of its fixed point ("
-                                   + ("gap not estimable" if self.gap is None else self.gap.describe())
-                                   + "); use convergence='lme' for a fit at the fixed point")
+                                            f"{gap_text(self.gap)}")
                         self.stopped_short = True
                 self._previous = current.group
                 current = trial
@@ -633,9 +628,8 @@ class EMRun:
                 return
             if self.stopped_short:
                 return
-        gap = "gap not estimable" if self.gap is None else self.gap.describe()
         self.stop_reason = (f"mstep_maxit ({self.opts.mstep_maxit}) E-steps reached before the {rule.name} rule "
-                            f"was met ({gap})")
+                            f"was met ({gap_text(self.gap)})")
 
     def _checkpoint(self, current: Point, acc: Accelerator, rule: Any) -> bool:
         """Save the loop's state to the checkpoint file; ``False`` (nothing saved) while a group is not a family."""
@@ -651,7 +645,7 @@ class EMRun:
             save_checkpoint(self, current, acc, rule, self.opts.checkpoint)
         return True
 
-    def _boundary_candidate(self, current: Point, ahead: Proposal, acc: Accelerator) -> int | None:
+    def _boundary_candidate(self, current: Point, ahead: Proposal) -> int | None:
         """A parameter whose group variance EM drives towards 0, to try at the floor; ``None``: none.
 
         Plain EM creeps towards a variance of 0 sublinearly.  A Gaussian
@@ -677,7 +671,6 @@ class EMRun:
             return None
         target = current.group.from_vector(current.x + ahead.remaining).spread.diagonal()
         gaps = hyper_gaps(current.group, ahead.remaining)
-        P = self.model.n_params
 
         def others_settled(j: int) -> bool:
             rest = [g[torch.arange(g.numel(), device=g.device) != j] if k in ("mu", "sd") else g
@@ -789,7 +782,10 @@ class EMRun:
     def _final_warnings(self) -> None:
         post, group, _ = self.last
         o = self.opts
-        if not self.converged and not self.stopped:
+        if self.stopped_short:
+            self._warn(f"EM stopped short of its fixed point: {self.stop_reason}. Use convergence='lme' for a fit "
+                       "at the fixed point")
+        elif not self.converged and not self.stopped:
             self._warn(f"EM did not converge: {self.stop_reason}. Try a larger mstep_maxit, "
                        "convergence='group', or check the group variances in result.history")
         n_bad = int((~post.hessian_ok).sum())
