@@ -10,6 +10,9 @@ or ``--data DIR``):
   1-4 split into the second-stage state and choice);
 - ``task2afc_sdt``: the 2AFC file with ``sdt``.
 
+Every group family on the reference set (``reference_gaussian``, ``_full``,
+``_covariate`` (an unrelated covariate), ``_laplace``, ``_student_t``, ``_cauchy``).
+
 Simulated cases:
 
 - ``bandit_pm1``: 20 subjects x 100 trials of a two-armed bandit, outcomes
@@ -108,6 +111,24 @@ SETTINGS = {
     "SQUAREM": {"accelerate": "squarem"},
     "quasi-Newton": {"accelerate": "quasi_newton"},
 }
+#: the same settings on the reference set (100 x 96 trials) under every group family
+FAMILIES = {"reference_gaussian": {}, "reference_full": {"group": "full"},
+            "reference_covariate": {"formula": "~ x"}, "reference_laplace": {"group": "laplace"},
+            "reference_student_t": {"group": "student_t"}, "reference_cauchy": {"group": "cauchy"}}
+CASES.update(dict.fromkeys(FAMILIES))
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "rw1a1b_100.csv"
+
+
+def make_case(case: str) -> tuple[EMModel, dict]:
+    """The ``EMModel`` of a case and its fit options (the group family of the reference-set cases)."""
+    if case not in FAMILIES:
+        return make_model(case), {}
+    model = EMModel(pd.read_csv(REFERENCE), rl.rw1a1b_fit, columns=["choice", "reward"], block="block",
+                    trial="trial", device="cpu")
+    opts = dict(FAMILIES[case])
+    if "formula" in opts:  # a covariate unrelated to the parameters: its coefficients' fixed point is near 0
+        opts["covariates"] = np.random.default_rng(0).normal(size=model.batch.n_subjects)
+    return model, opts
 
 
 def make_model(case: str) -> EMModel:
@@ -131,10 +152,10 @@ def run(threads: int | None, cases: list[str], reference_maxit: int, out: Path |
         torch.set_num_threads(threads)
     rows = []
     for case in cases:
-        model = make_model(case)
+        model, extra = make_case(case)
         t0 = time.perf_counter()
         ref = model.fit(verbose=0, accelerate=None, convergence="group", group_tol=1e-8, group_window=5,
-                        mstep_maxit=reference_maxit)
+                        mstep_maxit=reference_maxit, **extra)
         ref_wall = time.perf_counter() - t0
         ref_h, ref_npl = _hyper(ref), float(ref.NPL.sum())
         rows.append({"case": case, "setting": "fixed point (plain EM, group tol 1e-8)", "E-steps": ref.n_iter,
@@ -143,7 +164,7 @@ def run(threads: int | None, cases: list[str], reference_maxit: int, out: Path |
         print(rows[-1], flush=True)
         for name, opts in SETTINGS.items():
             t0 = time.perf_counter()
-            res = model.fit(verbose=0, mstep_maxit=3000, **opts)
+            res = model.fit(verbose=0, mstep_maxit=3000, **opts, **extra)
             wall = time.perf_counter() - t0
             rel = np.max(np.abs(_hyper(res) - ref_h) / (1 + np.abs(ref_h)))
             gap = res.fixed_point_gap

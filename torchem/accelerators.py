@@ -239,8 +239,17 @@ class QuasiNewton(Accelerator):
     Safeguards: the step's largest entry is capped at ``radius`` (starting at
     1, doubled after a kept step that reached it, halved after a rejection,
     never below 1/64); a step is kept when the residual norm does not rise
-    and the summed Laplace evidence falls by at most :meth:`slack`;
-    after two rejections in a row a plain EM step is taken (always kept).
+    and EM's map contracts along the step (:meth:`attracting`; a step along
+    which it does not restarts the secant memory); after two rejections in a
+    row a plain EM step is taken (always kept).  The Laplace evidence is no
+    test of a step: EM's fixed point is not its maximum, and EM itself often
+    lowers it on the way (the reference set with a covariate: by 0.3 nats per
+    E-step).
+    Where the last plain EM step's residual grew (EM is leaving a fixed point
+    that attracts the root-finder but not EM), the step is ``expansion * F``
+    along EM's own direction instead (``"expanded"``: from 2, doubled while
+    kept, i.e. while the residual keeps its direction and the evidence does
+    not fall by more than :meth:`slack`, halved after a rejection).
     ``remaining`` is the uncapped step, the quasi-Newton model's distance to the fixed point.
     """
 
@@ -253,6 +262,7 @@ class QuasiNewton(Accelerator):
         self.fs: list[torch.Tensor] = []
         self.radius = 1.0
         self.rejections = 0
+        self.expansion = 2.0
 
     def _step(self, current: Point) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The uncapped and the capped quasi-Newton step from ``current`` (``None``: no secant pair yet)."""
@@ -274,7 +284,15 @@ class QuasiNewton(Accelerator):
         capped = step * (self.radius / big) if big > self.radius else step
         return step.to(current.x), capped.to(current.x)
 
+    def _receding(self) -> bool:
+        """The last plain EM step's residual grew: EM is leaving a fixed point it does not converge to."""
+        return bool(self.rates) and self.rates[-1] > 1.0
+
     def propose(self, current: Point) -> Proposal:
+        if self._receding() and self.rejections < 2 and current.f is not None:
+            theta = current.group.from_vector(current.x + self.expansion * current.f)
+            if theta.valid():
+                return Proposal(theta, "expanded", self.linear_remaining(current))
         steps = None if self.rejections >= 2 else self._step(current)
         if steps is None:
             return self.plain(current)
@@ -286,13 +304,23 @@ class QuasiNewton(Accelerator):
 
     @staticmethod
     def slack(current: Point) -> float:
-        """How far a kept step may lower the summed Laplace evidence: 0.1 nats per 100 subjects (at least 0.1).
+        """How far an expanded step may lower the summed Laplace evidence: 0.1 nats per 100 subjects (at least 0.1).
 
-        EM's fixed point is not the evidence's maximum, so small decreases are expected near it; a large one
-        means the step left for another region, such as the degenerate fixed point of every variance at 0,
-        where the residual vanishes too.
+        Longer and longer steps along EM's direction end where they overshoot; a large loss of evidence is
+        the sign of it that the residual's direction can miss.
         """
         return 0.1 * max(1.0, current.post.npl.numel() / 100.0)
+
+    @staticmethod
+    def attracting(current: Point, trial: Point) -> bool:
+        """Whether EM's map contracts along the step: ``s . (F(trial) - F(current)) < 0``.
+
+        A root-finder converges to any zero of the residual, also to a fixed point that EM moves away from
+        (a variance at 0 that the data want larger: there the residual vanishes too).  Along the step
+        ``s`` the residual changes by ``(J - I) s``; it points back against ``s`` only where EM's Jacobian
+        ``J`` is below 1 in that direction, i.e. where plain EM would also go.
+        """
+        return float(((trial.x - current.x) * (trial.f - current.f)).sum()) < 0.0
 
     def _remember(self, point: Point) -> None:
         if point.x is None:
@@ -310,8 +338,16 @@ class QuasiNewton(Accelerator):
             self.rejections = 0
             self._remember(trial)
             return True
-        ok = (trial.finite and trial.f is not None and _norm(trial.f) <= _norm(current.f)
-              and trial.lme >= current.lme - self.slack(current))
+        if proposal.step == "expanded":  # kept while it goes on in EM's direction without losing evidence
+            ok = (trial.finite and trial.f is not None and float((trial.f * current.f).sum()) > 0.0
+                  and trial.lme >= current.lme - self.slack(current))
+            self.expansion = 2.0 * self.expansion if ok else max(2.0, self.expansion / 2.0)
+            self.rejections = 0 if ok else self.rejections + 1
+            if ok:
+                self._remember(trial)
+            return ok
+        attracting = trial.f is not None and self.attracting(current, trial)
+        ok = trial.finite and attracting and _norm(trial.f) <= _norm(current.f)
         reached = float((trial.x - current.x).abs().max()) >= 0.999 * self.radius
         if ok:
             self.rejections = 0
@@ -320,7 +356,9 @@ class QuasiNewton(Accelerator):
         else:
             self.rejections += 1
             self.radius = max(self.radius / 2.0, 1.0 / 64)
-        if trial.finite and trial.f is not None:  # a rejected point's secant pair is still information
+        if not attracting:  # the secant model heads for a fixed point EM leaves: restart it from plain EM steps
+            self.reset()
+        elif trial.finite and trial.f is not None:  # a rejected point's secant pair is still information
             self._remember(trial)
         return ok
 
@@ -330,22 +368,32 @@ class QuasiNewton(Accelerator):
     def state_dict(self) -> dict:
         out = super().state_dict()
         out.update({"xs": [x.cpu() for x in self.xs], "fs": [f.cpu() for f in self.fs], "radius": self.radius,
-                    "rejections": self.rejections})
+                    "rejections": self.rejections, "expansion": self.expansion})
         return out
 
     def load_state_dict(self, state: dict, device=None) -> None:
         super().load_state_dict(state, device)
         self.xs = [x.to(device) for x in state["xs"]]
         self.fs = [f.to(device) for f in state["fs"]]
-        self.radius, self.rejections = state["radius"], state["rejections"]
+        self.radius, self.rejections, self.expansion = state["radius"], state["rejections"], state["expansion"]
 
 
 #: ``FitOptions.accelerate`` value -> accelerator class.
 ACCELERATORS = {None: PlainEM, "squarem": Squarem, "quasi_newton": QuasiNewton}
 
 
-def make_accelerator(options) -> Accelerator:
-    """The accelerator that :class:`torchem.options.FitOptions` asks for."""
-    if options.accelerate == "squarem":
+def make_accelerator(options, family: GroupFamily | None = None) -> Accelerator:
+    """The accelerator that :class:`torchem.options.FitOptions` asks for, for a fit of ``family``.
+
+    ``"auto"``: :class:`QuasiNewton` for a Gaussian group (diagonal, full, or with covariates),
+    :class:`Squarem` for the heavy-tailed groups, whose variational E-steps build each local prior from
+    the previous E-step's moments: their EM map has a memory that the secant model does not see (on the
+    reference set a Student-t group took 92 E-steps by quasi-Newton steps, 36 by SQUAREM).
+    """
+    kind = options.accelerate
+    if kind == "auto":
+        gaussian = family is None or family.name == "gaussian" or bool(getattr(family, "gaussian", False))
+        kind = "quasi_newton" if gaussian else "squarem"
+    if kind == "squarem":
         return Squarem(options.convergence_crit)
-    return ACCELERATORS[options.accelerate]()
+    return ACCELERATORS[kind]()

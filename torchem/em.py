@@ -571,7 +571,7 @@ class EMRun:
         recorded as ``"rejected"`` and the fit goes on from the current point.  The rule judges each kept
         point with the accelerator's estimate of the remaining step to the fixed point.
         """
-        rule, acc = make_rule(self.opts), make_accelerator(self.opts)
+        rule, acc = make_rule(self.opts), make_accelerator(self.opts, self.family)
         if self.opts.resume is not None:
             current = load_checkpoint(self, self.opts.resume, rule, acc)
             if self.bar is not None:

@@ -130,7 +130,7 @@ class FitOptions:
         _choice("convergence", self.convergence, ("lme", "npl", "group"))
         _choice("convergence_method", self.convergence_method, ("sum", "mean", "median"))
         _choice("convergence_custom", self.convergence_custom, (None, "relative_npl", "running_average"))
-        _choice("accelerate", self.accelerate, (None, "squarem", "quasi_newton"))
+        _choice("accelerate", self.accelerate, (None, "auto", "squarem", "quasi_newton"))
         _choice("estep", self.estep, ("laplace", "importance"))
         _choice("variational", self.variational, (True, False))
         _positive_int("mstep_maxit", self.mstep_maxit)
