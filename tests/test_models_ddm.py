@@ -562,7 +562,9 @@ def test_posterior_predictive_check_reproduces_rt_quantiles(name, design):
     fit, true, sim = sim_data(name, S=12, seed=5, **design)
     model_fit = D.ddm_options(fit, p_outlier=0.02) if name == "ddm4" else fit  # a configured model keeps its family
     model = EMModel([[sim[k][i] for k in fit.inputs] for i in range(12)], model_fit, device="cpu")
-    model.fit(verbose=0)
+    # at the fixed point (1e-5): the coverage of 12 cells by 40 simulations moves in steps of 1/12; the
+    # fixed point gives 0.92, a default fit 3e-4 (relative) from it 0.75
+    model.fit(verbose=0, group_tol=1e-5)
     ppc = model.ppc(nsims=40, draws="map", seed=1)
     cov = ppc.coverage(level="group")
     assert cov["RT quantiles by choice"] >= 0.8

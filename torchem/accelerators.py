@@ -23,7 +23,7 @@ The methods:
 - :class:`PlainEM` (``accelerate=None``): ``theta <- M(theta)``; it converges
   linearly, at the rate of the slowest direction (near 1 when a group variance
   is small next to the subjects' posterior uncertainty).
-- :class:`Squarem` (``"squarem"``, the default; Varadhan & Roland 2008): a steplength
+- :class:`Squarem` (``"squarem"``, Varadhan & Roland 2008): a steplength
   extrapolation along two EM steps, kept when the summed Laplace evidence is
   not lower than at the cycle's start.
 - :class:`QuasiNewton` (``"quasi_newton"``): a multisecant
@@ -31,8 +31,11 @@ The methods:
   (type-II Anderson acceleration, Walker & Ni 2011; the secant form of
   Jamshidian & Jennrich's 1997 quasi-Newton EM), from the secant pairs of the
   last ``memory`` evaluated points.  A step is kept when the residual norm
-  falls; a rejected point still adds its secant pair, the trust radius
-  halves, and after two rejections in a row a plain EM step is taken.
+  falls and EM's map contracts along it; a rejected point still adds its
+  secant pair, the trust radius halves, and after two rejections in a row a
+  plain EM step is taken.
+- ``"auto"`` (the default, :func:`make_accelerator`): quasi-Newton steps for
+  a Gaussian group, SQUAREM for the heavy-tailed groups.
 """
 from __future__ import annotations
 

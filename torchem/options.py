@@ -49,9 +49,10 @@ class FitOptions:
     init_var: float = _opt(1.0, "variance of the default starting prior (mean 0); pyEM starts at 100 and "
                                 "reaches the same fixed point in more iterations")
     mstep_maxit: int = _opt(800, "maximum E-steps (EM iterations; accelerated cycles count each E-step)")
-    accelerate: Any = _opt("squarem", "which group each E-step runs at: 'squarem' (Varadhan & Roland 2008), "
-                                      "'quasi_newton' (multisecant quasi-Newton steps on EM's fixed-point "
-                                      "residual) or None (plain EM); all reach plain EM's fixed point")
+    accelerate: Any = _opt("auto", "which group each E-step runs at: 'auto' (quasi_newton for a Gaussian group, "
+                                   "squarem for the heavy-tailed ones), 'quasi_newton' (multisecant quasi-Newton "
+                                   "steps on EM's fixed-point residual), 'squarem' (Varadhan & Roland 2008) or "
+                                   "None (plain EM); all reach plain EM's fixed point")
     convergence: Any = _opt(None, "stopping rule: 'lme' (the estimated remaining change of the summed "
                                   "Laplace log evidence below `convergence_crit` and of every group "
                                   "hyperparameter below `group_tol`), 'npl' (pyEM's rule on the NPL), 'group' (every "
