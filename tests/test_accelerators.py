@@ -41,6 +41,8 @@ def test_real_bandit_reaches_the_plain_em_fixed_point_not_the_variance_floor(prl
     gap = res.fixed_point_gap
     assert gap["lme"] < 1e-3 and gap["hyper"] < 1e-3
     assert res.n_iter <= 60
+    # each accelerator takes its own steps here (SQUAREM's step bound must grow past 1 to extrapolate at all)
+    assert (res.history["step"] == {"squarem": "extrapolated", "quasi_newton": "quasi-newton"}[accelerate]).sum() >= 5
 
 
 def test_a_capped_fit_says_how_far_it_is_from_the_fixed_point(prl_model):
