@@ -13,8 +13,9 @@ One EM step is four named parts:
 
 Plain EM converges linearly, slowly when a group variance is small next to
 the subjects' posterior uncertainty.  Which group each E-step runs at is the
-accelerator's choice (:mod:`torchem.accelerators`: plain EM, SQUAREM (the
-default), or multisecant quasi-Newton steps on EM's fixed-point residual); every
+accelerator's choice (:mod:`torchem.accelerators`: plain EM, SQUAREM, or
+multisecant quasi-Newton steps on EM's fixed-point residual; by default the
+latter for a Gaussian group and SQUAREM for the heavy-tailed ones); every
 E-step counts towards ``mstep_maxit``, and the fixed point is the one plain
 EM reaches.  The stopping rule judges each kept E-step with the
 accelerator's estimate of the remaining distance to that fixed point
